@@ -1,0 +1,113 @@
+"""pipeq's exceptions: one tree, each class one cause.
+
+    PipeqError
+    ├── ConfigError               settings or models.yaml are invalid (start-up)
+    ├── JobError                  a job as a whole cannot be accepted or found
+    │   ├── UnknownModel          the job names a model the registry does not hold
+    │   ├── JobNotFound           no job with this id (never existed, or its TTL ran out)
+    │   ├── JobConflict           the id exists with another body, or the job cannot change state
+    │   └── PayloadTooLarge       inline data over PIPEQ_MAX_MEDIA_BYTES
+    └── InputError                one input failed; the job's other inputs go on
+        ├── MediaError            a media reference could not be read
+        │   ├── MediaNotFound     missing file, 404, no such S3 key
+        │   ├── MediaTooLarge     over PIPEQ_MAX_MEDIA_BYTES
+        │   ├── MediaTimeout      the remote end was too slow
+        │   ├── UnsafeReference   private address, path outside PIPEQ_MEDIA_ROOTS, bad scheme
+        │   └── FetchFailed       any other transport failure (5xx after retries, TLS, DNS)
+        ├── DecodeError           bytes that are not the media the model's task needs
+        ├── ModelError            the pipeline raised on this input
+        └── Expired               the input was not started before the job's deadline
+
+Per-input errors cross the wire as JSON (`ErrorInfo`: type, message, retryable), never pickled.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ErrorInfo(BaseModel):
+    """A per-input error as stored in the job document."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    message: str
+    retryable: bool = False
+
+
+class PipeqError(Exception):
+    """Root of every error pipeq raises on purpose."""
+
+    retryable = False
+
+    def to_info(self) -> ErrorInfo:
+        return ErrorInfo(type=type(self).__name__, message=str(self), retryable=self.retryable)
+
+
+class ConfigError(PipeqError):
+    """Settings or the model registry are invalid."""
+
+
+class JobError(PipeqError):
+    """A job as a whole cannot be accepted or found."""
+
+
+class UnknownModel(JobError):
+    """The job names a model the registry does not hold."""
+
+
+class JobNotFound(JobError):
+    """No job with this id."""
+
+
+class JobConflict(JobError):
+    """The id is taken by another body, or the job is past the state the call needs."""
+
+
+class PayloadTooLarge(JobError):
+    """Inline data larger than PIPEQ_MAX_MEDIA_BYTES."""
+
+
+class InputError(PipeqError):
+    """One input failed; the other inputs of its job are unaffected."""
+
+
+class MediaError(InputError):
+    """A media reference could not be read."""
+
+
+class MediaNotFound(MediaError):
+    """The file, URL or S3 key does not exist."""
+
+
+class MediaTooLarge(MediaError):
+    """The media is larger than PIPEQ_MAX_MEDIA_BYTES."""
+
+
+class MediaTimeout(MediaError):
+    """The remote end did not answer in time."""
+
+    retryable = True
+
+
+class UnsafeReference(MediaError):
+    """The reference points where pipeq may not read (private address, outside media roots)."""
+
+
+class FetchFailed(MediaError):
+    """Any other transport failure."""
+
+    retryable = True
+
+
+class DecodeError(InputError):
+    """The bytes are not media the model's task can use."""
+
+
+class ModelError(InputError):
+    """The pipeline raised on this input."""
+
+
+class Expired(InputError):
+    """The input was not started before the job's deadline."""

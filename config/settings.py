@@ -1,0 +1,80 @@
+"""The one settings object, read from `PIPEQ_*` environment variables once at start-up."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything pipeq reads from its environment. Unknown `PIPEQ_*` names are refused."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPEQ_", extra="forbid", frozen=True)
+
+    broker_url: str | None = Field(
+        default=None, description="Celery broker; unset = embedded filesystem broker in data_dir."
+    )
+    result_url: str | None = Field(
+        default=None,
+        description="Job records: redis://... or sqlite:///path; unset = the broker's Redis, "
+        "else sqlite in data_dir.",
+    )
+    models: Path = Field(
+        default=Path(__file__).with_name("models.yaml"), description="Path to models.yaml."
+    )
+    data_dir: Path = Field(default=Path(".pipeq"), description="Embedded broker and results.")
+    result_ttl_s: int = Field(default=86_400, gt=0)
+    visibility_timeout_s: int = Field(
+        default=300,
+        gt=0,
+        validation_alias=AliasChoices("PIPEQ_VISIBILITY_TIMEOUT", "PIPEQ_VISIBILITY_TIMEOUT_S"),
+        description="Seconds before Redis hands a dead worker's unacked jobs to another worker.",
+    )
+    unacked_restore_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How often a worker sweeps for a dead worker's unacked jobs (kombu's "
+        "default sweep is ~100 s, longer than the visibility timeout it enforces).",
+    )
+    s3_endpoint_url: str | None = None
+    s3_bucket: str | None = None
+    s3_prefix: str = "pipeq/results"
+    webhook_secret: str | None = None
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allow_private_urls: bool = False
+    media_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    max_media_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    media_timeout_s: float = Field(default=30.0, gt=0)
+    flower_basic_auth: str | None = None
+    wait_poll_interval_s: float = Field(default=0.05, gt=0)
+    log_level: str = "INFO"
+
+    _split_lists = field_validator("api_keys", "media_roots", mode="before")(_split_commas)
+
+    @field_validator("media_roots")
+    @classmethod
+    def _resolve_roots(cls, roots: list[Path]) -> list[Path]:
+        # Symlinks and `..` are resolved once here, so the per-path check is a prefix test.
+        return [root.expanduser().resolve() for root in roots]
+
+    @cached_property
+    def embedded(self) -> bool:
+        return self.broker_url is None
+
+    @cached_property
+    def effective_result_url(self) -> str:
+        if self.result_url:
+            return self.result_url
+        if self.broker_url and self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return f"sqlite:///{(self.data_dir / 'results.sqlite').resolve()}"

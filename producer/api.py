@@ -1,0 +1,134 @@
+"""The HTTP API: a thin FastAPI layer over `Client`."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from kombu.exceptions import OperationalError
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from config.errors import JobConflict, JobNotFound, PayloadTooLarge, UnknownModel
+from producer.client import Client
+from producer.jobs import JobAccepted, JobDocument, JobRequest
+
+MAX_WAIT_S = 60.0
+
+
+_ERRORS = {
+    401: {"description": "Missing or wrong API key"},
+    404: {"description": "Unknown model or job"},
+    409: {"description": "Id reused with another body, or job past cancelling"},
+    413: {"description": "Inline data over PIPEQ_MAX_MEDIA_BYTES"},
+    422: {"description": "Malformed request"},
+    503: {"description": "Broker or result store unavailable"},
+}
+
+
+def create_app(client: Client | None = None) -> FastAPI:
+    client = client or Client()
+    settings = client.settings
+    metrics = CollectorRegistry()
+    requests = Counter(
+        "pipeq_api_requests", "API requests by route and status", ["route", "status"], registry=metrics
+    )
+    app = FastAPI(title="pipeq", version="0.1.0")
+
+    def require_key(
+        authorization: Annotated[str | None, Header()] = None,
+        x_api_key: Annotated[str | None, Header()] = None,
+    ) -> None:
+        if not settings.api_keys:
+            return
+        given = x_api_key or (authorization or "").removeprefix("Bearer ").strip()
+        if not any(hmac.compare_digest(given.encode(), key.encode()) for key in settings.api_keys):
+            raise HTTPException(401, "missing or wrong API key (Authorization: Bearer <key>)")
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        route = request.scope.get("route")
+        requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        return JSONResponse({"error": "invalid request", "detail": details}, status_code=422)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(RedisConnectionError)
+    @app.exception_handler(RedisTimeoutError)
+    async def unavailable(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(
+            {"error": f"broker or result store unavailable: {exc}"},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+
+    auth = [Depends(require_key)]
+
+    @app.post("/v1/jobs", status_code=202, response_model=JobAccepted, dependencies=auth, responses={200: {"model": JobAccepted}, **_ERRORS})
+    def submit(body: JobRequest) -> Any:
+        try:
+            doc, created = client.submit_request(body)
+        except UnknownModel as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except JobConflict as exc:
+            raise HTTPException(409, str(exc)) from exc
+        except PayloadTooLarge as exc:
+            raise HTTPException(413, str(exc)) from exc
+        accepted = JobAccepted(id=doc.id, status=doc.status)
+        return accepted if created else JSONResponse(accepted.model_dump(), status_code=200)
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobDocument, dependencies=auth, responses=_ERRORS)
+    async def get_job(job_id: str, wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0) -> JobDocument:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                doc = await run_in_threadpool(client.get, job_id)
+            except JobNotFound as exc:
+                raise HTTPException(404, str(exc)) from exc
+            if doc.done or time.monotonic() >= deadline:
+                return doc
+            await asyncio.sleep(settings.wait_poll_interval_s)
+
+    @app.delete("/v1/jobs/{job_id}", status_code=202, response_model=JobDocument, dependencies=auth, responses=_ERRORS)
+    def cancel_job(job_id: str) -> Any:
+        try:
+            doc, cancelled = client.cancel(job_id)
+        except JobNotFound as exc:
+            raise HTTPException(404, str(exc)) from exc
+        if not cancelled:
+            return JSONResponse(
+                {"error": f"job {job_id} is {doc.status}; only queued jobs can be cancelled", "job": doc.model_dump(mode="json")},
+                status_code=409,
+            )
+        return doc
+
+    @app.get("/v1/models", dependencies=auth, responses=_ERRORS)
+    def list_models() -> dict[str, Any]:
+        return {name: spec.public() for name, spec in client.registry.models.items()}
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        client.records.ping()
+        return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=True)
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,127 @@
+"""`Client`: submit jobs to the queue and read their records. No torch, no worker code."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import Celery
+
+from config.celery import RUN_TASK, make_celery, queue_name
+from config.errors import JobConflict, JobNotFound, PayloadTooLarge, UnknownModel
+from config.registry import Registry, load_registry
+from config.settings import Settings
+from producer.jobs import Input, JobDocument, JobMessage, JobRequest, Lane, Webhook
+from producer.records import JobRecords, open_records
+
+
+class Client:
+    """Publishes jobs (JSON) to the broker and reads their records from the result store."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        registry: Registry | None = None,
+        celery: Celery | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.registry = registry or load_registry(self.settings.models)
+        self.celery = celery or make_celery(self.settings)
+        self.records: JobRecords = open_records(
+            self.settings.effective_result_url, self.settings.result_ttl_s
+        )
+
+    def submit(
+        self,
+        model: str,
+        inputs: list[Input],
+        params: dict[str, Any] | None = None,
+        *,
+        priority: Lane = "interactive",
+        id: str | None = None,
+        webhook: Webhook | dict[str, Any] | None = None,
+        store: str = "redis",
+        deadline_s: float | None = None,
+    ) -> str:
+        """Queue one job and return its id."""
+        request = JobRequest.model_validate(
+            {
+                "model": model,
+                "inputs": inputs,
+                "params": params or {},
+                "priority": priority,
+                "id": id,
+                "webhook": webhook,
+                "store": store,
+                "deadline_s": deadline_s,
+            }
+        )
+        doc, _ = self.submit_request(request)
+        return doc.id
+
+    def submit_request(self, request: JobRequest) -> tuple[JobDocument, bool]:
+        """Queue `request`; returns (record, created). A repeated id with the same body returns
+        the existing record and queues nothing; with another body it raises JobConflict."""
+        if self.registry.get(request.model) is None:
+            raise UnknownModel(
+                f"unknown model {request.model!r}; this service has {', '.join(self.registry.models)}"
+            )
+        if request.inline_bytes() > self.settings.max_media_bytes:
+            raise PayloadTooLarge(
+                f"inline data of {request.inline_bytes()} bytes is over PIPEQ_MAX_MEDIA_BYTES "
+                f"({self.settings.max_media_bytes}); send a url or s3 reference instead"
+            )
+        message = request.to_message()
+        queued = JobDocument(
+            id=message.id,
+            model=message.model,
+            status="queued",
+            lane=message.lane,
+            timings={"submitted_at": message.submitted_at},
+        )
+        fingerprint = request.fingerprint()
+        existing = self.records.create(queued, fingerprint)
+        if existing is not None:
+            doc, stored_fingerprint = existing
+            if stored_fingerprint != fingerprint:
+                raise JobConflict(f"job {message.id} exists with a different body")
+            return doc, False
+        self.publish(message)
+        return queued, True
+
+    def publish(self, message: JobMessage) -> None:
+        self.celery.send_task(
+            RUN_TASK,
+            args=[message.model_dump(mode="json")],
+            task_id=message.id,
+            queue=queue_name(message.model, message.lane),
+            # What Flower shows instead of the arguments: never the inline media bytes.
+            argsrepr=f"{message.model} x{len(message.inputs)} {message.lane}",
+            kwargsrepr="{}",
+        )
+
+    def get(self, job_id: str) -> JobDocument:
+        doc = self.records.get(job_id)
+        if doc is None:
+            raise JobNotFound(f"no job {job_id!r} (never submitted, or its result expired)")
+        return doc
+
+    def wait(self, job_id: str, timeout_s: float = 60.0) -> JobDocument:
+        """Poll until the job is finished or `timeout_s` passes; return the latest record."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            doc = self.get(job_id)
+            if doc.done or time.monotonic() >= deadline:
+                return doc
+            time.sleep(self.settings.wait_poll_interval_s)
+
+    def cancel(self, job_id: str) -> tuple[JobDocument, bool]:
+        """Cancel a job that has not started. Returns (record, cancelled)."""
+        doc = self.get(job_id)
+        changed, current = self.records.transition(
+            doc.model_copy(update={"status": "cancelled"}), ("queued",)
+        )
+        if current is None:
+            raise JobNotFound(f"no job {job_id!r}")
+        return current, changed

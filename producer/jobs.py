@@ -1,0 +1,187 @@
+"""The wire contract: what a producer sends, what the queue carries, what a reader gets back.
+
+`JobRequest` is the body of `POST /v1/jobs`; `JobMessage` is the Celery task's one JSON argument;
+`JobDocument` is the record `GET /v1/jobs/{id}` returns. All are frozen pydantic models, and a
+body that does not validate never reaches the queue.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from config.errors import ErrorInfo
+
+Lane = Literal["interactive", "bulk"]
+Status = Literal["queued", "running", "succeeded", "failed", "expired", "cancelled"]
+FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "expired", "cancelled"})
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+class UrlRef(BaseModel):
+    model_config = _STRICT
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _http_only(cls, url: str) -> str:
+        if not url.lower().startswith(("http://", "https://")):
+            raise ValueError("url must be http:// or https:// (use {'s3': ...} for S3)")
+        return url
+
+
+class S3Ref(BaseModel):
+    model_config = _STRICT
+    s3: str
+
+    @field_validator("s3")
+    @classmethod
+    def _s3_uri(cls, uri: str) -> str:
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        if not uri.startswith("s3://") or not bucket or not key:
+            raise ValueError("s3 must look like s3://bucket/key")
+        return uri
+
+
+class PathRef(BaseModel):
+    model_config = _STRICT
+    path: str = Field(min_length=1)
+
+
+class DataRef(BaseModel):
+    model_config = _STRICT
+    data: str = Field(description="base64")
+    mime: str | None = None
+
+    @field_validator("data")
+    @classmethod
+    def _base64(cls, data: str) -> str:
+        try:
+            base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"data is not valid base64: {exc}") from exc
+        return data
+
+    def decoded_size(self) -> int:
+        return len(base64.b64decode(self.data))
+
+
+MediaRef = UrlRef | S3Ref | PathRef | DataRef
+
+
+class DocumentInput(BaseModel):
+    """document-question-answering: an image and a question, optionally pre-computed OCR."""
+
+    model_config = _STRICT
+    image: MediaRef
+    question: str = Field(min_length=1)
+    word_boxes: list[tuple[str, tuple[int, int, int, int]]] | None = None
+
+
+Input = str | MediaRef | DocumentInput
+
+
+class Webhook(BaseModel):
+    model_config = _STRICT
+    url: str
+    events: list[Literal["succeeded", "failed", "expired", "cancelled"]] = Field(
+        default_factory=lambda: ["succeeded", "failed"]
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_only(cls, url: str) -> str:
+        return UrlRef._http_only(url)
+
+
+class JobRequest(BaseModel):
+    """The body of `POST /v1/jobs` and the arguments of `Client.submit`."""
+
+    model_config = _STRICT
+
+    model: str = Field(min_length=1, max_length=200)
+    inputs: list[Input] = Field(min_length=1, max_length=100_000)
+    params: dict[str, Any] = Field(default_factory=dict)
+    priority: Lane = "interactive"
+    id: str | None = Field(default=None, min_length=1, max_length=200, pattern=r"^[\w.:-]+$")
+    webhook: Webhook | None = None
+    store: Literal["redis", "s3"] = "redis"
+    deadline_s: float | None = Field(default=None, gt=0)
+
+    def inline_bytes(self) -> int:
+        """Largest decoded inline payload among the inputs."""
+        sizes = [0]
+        for item in self.inputs:
+            ref = item.image if isinstance(item, DocumentInput) else item
+            if isinstance(ref, DataRef):
+                sizes.append(ref.decoded_size())
+        return max(sizes)
+
+    def fingerprint(self) -> str:
+        """Stable hash of the body, so a repeated id can be told from a conflicting one."""
+        body = self.model_dump(mode="json", exclude={"id"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    def to_message(self, job_id: str | None = None) -> JobMessage:
+        return JobMessage(
+            id=job_id or self.id or uuid.uuid4().hex,
+            model=self.model,
+            inputs=self.inputs,
+            params=self.params,
+            lane=self.priority,
+            webhook=self.webhook,
+            store=self.store,
+            submitted_at=time.time(),
+            deadline_s=self.deadline_s,
+        )
+
+
+class JobMessage(BaseModel):
+    """The one argument of the `pipeq.run` Celery task, as JSON."""
+
+    model_config = _STRICT
+
+    id: str
+    model: str
+    inputs: list[Input]
+    params: dict[str, Any]
+    lane: Lane
+    webhook: Webhook | None = None
+    store: Literal["redis", "s3"] = "redis"
+    submitted_at: float
+    deadline_s: float | None = None
+
+
+class JobDocument(BaseModel):
+    """A job's record: `GET /v1/jobs/{id}`, `Client.get`, the webhook body."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    model: str
+    status: Status
+    lane: Lane = "interactive"
+    outputs: list[Any] | None = None
+    errors: list[ErrorInfo | None] | None = None
+    result_url: str | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    worker: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+class JobAccepted(BaseModel):
+    """The answer to `POST /v1/jobs`."""
+
+    id: str
+    status: Status

@@ -1,0 +1,187 @@
+"""The batcher: groups prepared items from many jobs into one forward pass per batch.
+
+Items arrive already fetched, decoded and preprocessed (by the job threads and the prefetch pool),
+so the one thread that owns the model does nothing but forward passes back to back. A batch is
+taken when its group holds `max_batch_size` items or its oldest item has waited `max_wait_ms`.
+
+Which items form a batch: the anchor is the oldest interactive item (else the oldest bulk one);
+the batch is the anchor's group (same call params, same input keys) filled with interactive items
+first, then those closest to the anchor in length, so texts of similar length share padding.
+The oldest item is always in the next batch of its group, so nothing starves.
+
+Failures: an out-of-memory batch is split in halves and retried, and the model's batch limit is
+lowered for `oom_cooldown_s`; any other exception is bisected down to the one item that raises,
+which fails alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from config.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+LANE_RANK = {"interactive": 0, "bulk": 1}
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """One forward unit: a preprocessed input (or one chunk of it)."""
+
+    part: Any
+    group: Hashable
+    call: Any
+    length: int = 0
+    lane_rank: int = 0
+    enqueued_at: float = field(default_factory=time.monotonic)
+    future: Future[Any] = field(default_factory=Future)
+
+
+class BatchHooks(Protocol):
+    """Called around every forward pass (metrics hang here, not in the batcher)."""
+
+    def on_batch(self, size: int, forward_s: float, waited_s: list[float]) -> None: ...
+
+    def on_oom(self, size: int) -> None: ...
+
+
+ForwardFn = Callable[[list[Any], Any], list[Any]]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def take_batch(pending: list[WorkItem], limit: int) -> list[WorkItem]:
+    """Remove and return the next batch from `pending` (see the module docstring)."""
+    anchor = min(pending, key=lambda item: (item.lane_rank, item.enqueued_at))
+    group = [item for item in pending if item.group == anchor.group]
+    group.sort(key=lambda item: (item.lane_rank, abs(item.length - anchor.length), item.enqueued_at))
+    batch = [anchor, *(item for item in group if item is not anchor)][:limit]
+    chosen = set(map(id, batch))
+    pending[:] = [item for item in pending if id(item) not in chosen]
+    return batch
+
+
+class Batcher:
+    """Owns one model's forward passes on a thread of its own."""
+
+    def __init__(
+        self,
+        name: str,
+        forward: ForwardFn,
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        hooks: BatchHooks | None = None,
+        oom_cooldown_s: float = 60.0,
+    ) -> None:
+        self.name = name
+        self._forward = forward
+        self.max_batch_size = max_batch_size
+        self._max_wait_s = max_wait_ms / 1000
+        self._hooks = hooks
+        self._oom_cooldown_s = oom_cooldown_s
+        self._limit = max_batch_size
+        self._limit_restores_at = 0.0
+        self._pending: list[WorkItem] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
+
+    def start(self) -> Batcher:
+        self._thread.start()
+        return self
+
+    def submit(self, items: list[WorkItem]) -> None:
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError(f"batcher {self.name} is stopped")
+            self._pending.extend(items)
+            self._cond.notify()
+
+    def stop(self) -> None:
+        """Finish what is pending, then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+    @property
+    def limit(self) -> int:
+        """The batch size allowed now (lowered for a while after an out-of-memory error)."""
+        if self._limit < self.max_batch_size and time.monotonic() >= self._limit_restores_at:
+            self._limit = self.max_batch_size
+        return self._limit
+
+    def _next_batch(self) -> list[WorkItem] | None:
+        with self._cond:
+            while True:
+                if not self._pending:
+                    if self._stopping:
+                        return None
+                    self._cond.wait()
+                    continue
+                oldest = min(item.enqueued_at for item in self._pending)
+                ready_at = oldest + self._max_wait_s
+                now = time.monotonic()
+                if self._stopping or now >= ready_at or self._group_full():
+                    return take_batch(self._pending, self.limit)
+                self._cond.wait(ready_at - now)
+
+    def _group_full(self) -> bool:
+        anchor = min(self._pending, key=lambda item: (item.lane_rank, item.enqueued_at))
+        limit = self.limit
+        return sum(1 for item in self._pending if item.group == anchor.group) >= limit
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self.run_batch(batch)
+
+    def run_batch(self, batch: list[WorkItem]) -> None:
+        """Forward `batch`, resolving every item's future with its output or its error."""
+        started = time.monotonic()
+        try:
+            outputs = self._forward([item.part for item in batch], batch[0].call)
+        except Exception as exc:  # noqa: BLE001 - every failure is routed to the items below
+            self._on_failure(batch, exc)
+            return
+        if self._hooks:
+            self._hooks.on_batch(
+                len(batch),
+                time.monotonic() - started,
+                [started - item.enqueued_at for item in batch],
+            )
+        for item, output in zip(batch, outputs, strict=True):
+            item.future.set_result(output)
+
+    def _on_failure(self, batch: list[WorkItem], exc: Exception) -> None:
+        if is_out_of_memory(exc):
+            if self._hooks:
+                self._hooks.on_oom(len(batch))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(batch) > 1:
+                self._limit = max(1, min(self._limit, len(batch) // 2))
+                self._limit_restores_at = time.monotonic() + self._oom_cooldown_s
+                log.warning("%s: out of memory at batch %d; limit now %d", self.name, len(batch), self._limit)
+        elif len(batch) == 1:
+            log.info("%s: input failed in forward: %r", self.name, exc)
+            batch[0].future.set_exception(ModelError(f"{type(exc).__name__}: {exc}"))
+            return
+        if len(batch) == 1:
+            # A single item that does not fit even alone: its job fails it, others go on.
+            batch[0].future.set_exception(ModelError(f"out of memory on a single input: {exc}"))
+            return
+        half = len(batch) // 2
+        self.run_batch(batch[:half])
+        self.run_batch(batch[half:])

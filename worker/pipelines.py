@@ -1,0 +1,162 @@
+"""Loaded pipelines, driven stage by stage: preprocess per input, one forward per batch,
+postprocess per input. Answers stay the library's because these are the library's own stages;
+batching uses the library's own collate and un-batching (`pad_collate_fn`, `PipelineIterator`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+from transformers.pipelines.base import ChunkPipeline, Pipeline, pad_collate_fn
+from transformers.pipelines.pt_utils import PipelineIterator
+
+from config.errors import ConfigError
+from config.registry import ModelSpec
+
+log = logging.getLogger(__name__)
+
+ModelInputs = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CallParams:
+    """One job's call params, split the way `Pipeline.__call__` splits them."""
+
+    preprocess: dict[str, Any]
+    forward: dict[str, Any]
+    postprocess: dict[str, Any]
+    given: dict[str, Any]
+    key: str  # jobs whose items may share a forward pass have equal keys
+
+
+def resolve_device(spec: ModelSpec) -> str | None:
+    if spec.device_map:
+        return None
+    if spec.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return spec.device
+
+
+def load_pipeline(spec: ModelSpec) -> Pipeline:
+    model_kwargs = {"max_memory": spec.max_memory} if spec.max_memory else None
+    try:
+        return transformers.pipeline(
+            spec.task,
+            model=spec.model,
+            revision=spec.revision,
+            dtype=spec.dtype,
+            device=resolve_device(spec),
+            device_map=spec.device_map,
+            model_kwargs=model_kwargs,
+            **spec.pipeline_kwargs,
+        )
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"model {spec.name!r} ({spec.model}) failed to load: {exc}") from exc
+
+
+def to_json(value: Any) -> Any:
+    """A pipeline's output as plain JSON types (numpy and torch values included)."""
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class StagedPipeline:
+    """One preloaded pipeline exposed as the stages the batcher calls."""
+
+    def __init__(self, spec: ModelSpec, pipe: Pipeline) -> None:
+        self.spec = spec
+        self.pipe = pipe
+        self.chunked = isinstance(pipe, ChunkPipeline)
+        processor = pipe.feature_extractor if pipe.feature_extractor is not None else pipe.image_processor
+        self._collate = pad_collate_fn(pipe.tokenizer, processor)
+
+    def call_params(self, params: dict[str, Any]) -> CallParams:
+        """Merge the model's default params with the job's and split them per stage.
+        Raises whatever the pipeline raises for params it does not take."""
+        given = {**self.spec.params, **params}
+        pre, fwd, post = self.pipe._sanitize_parameters(**given)
+        key = hashlib.sha1(json.dumps(given, sort_keys=True, default=str).encode()).hexdigest()
+        return CallParams(
+            preprocess={**self.pipe._preprocess_params, **pre},
+            forward={**self.pipe._forward_params, **fwd},
+            postprocess={**self.pipe._postprocess_params, **post},
+            given=given,
+            key=key,
+        )
+
+    def preprocess(self, item: Any, call: CallParams) -> list[ModelInputs]:
+        """One input -> the model inputs the pipeline would forward (several for chunked tasks)."""
+        if self.chunked:
+            return list(self.pipe.preprocess(item, **call.preprocess))
+        return [self.pipe.preprocess(item, **call.preprocess)]
+
+    def forward(self, parts: list[ModelInputs], call: CallParams) -> list[Any]:
+        """One forward pass over `parts` (collated and padded as pipeline(batch_size=n) would)."""
+        if len(parts) == 1:
+            return [self.pipe.forward(parts[0], **call.forward)]
+        batch = self._collate(parts)
+        unbatched = PipelineIterator([batch], self.pipe.forward, call.forward, len(parts))
+        return list(unbatched)
+
+    def postprocess(self, outputs: list[Any], call: CallParams) -> Any:
+        model_output = outputs if self.chunked else outputs[0]
+        result = self.pipe.postprocess(model_output, **call.postprocess)
+        # TextClassificationPipeline.__call__ wraps one string's answer in a list unless top_k
+        # is given; match pipeline(input) exactly.
+        if self.spec.task == "text-classification" and "top_k" not in call.given:
+            result = [result]
+        return to_json(result)
+
+    @staticmethod
+    def part_length(part: ModelInputs) -> int:
+        """Padding cost of a part: sequence length for text, 0 where shapes are fixed."""
+        ids = part.get("input_ids")
+        return int(ids.shape[-1]) if isinstance(ids, torch.Tensor) else 0
+
+    def run_one(self, item: Any, params: dict[str, Any]) -> Any:
+        """The whole path for one input without batching (warm-up; tests' reference)."""
+        call = self.call_params(params)
+        parts = self.preprocess(item, call)
+        return self.postprocess([self.forward([part], call)[0] for part in parts], call)
+
+
+def warm_input(spec: ModelSpec) -> tuple[Any, dict[str, Any]]:
+    """A small input of the model's modality, and params it needs to run at all."""
+    image = Image.new("RGB", (224, 224), (127, 127, 127))
+    if spec.modality == "image":
+        return image, {}
+    if spec.modality == "audio":
+        return {"raw": np.zeros(16_000, dtype=np.float32), "sampling_rate": 16_000}, {}
+    if spec.modality == "document":
+        return {"image": image, "question": "what?", "word_boxes": [("warm", (0, 0, 10, 10))]}, {}
+    params = {"candidate_labels": ["a", "b"]} if spec.task == "zero-shot-classification" else {}
+    return "warm up", params
+
+
+def load_staged(spec: ModelSpec) -> tuple[StagedPipeline, float]:
+    """Load and warm one model; returns it and its load time in seconds."""
+    started = time.perf_counter()
+    staged = StagedPipeline(spec, load_pipeline(spec))
+    item, params = warm_input(spec)
+    staged.run_one(item, params)
+    elapsed = time.perf_counter() - started
+    log.info("loaded %s (%s) on %s in %.1f s", spec.name, spec.task, staged.pipe.device, elapsed)
+    return staged, elapsed

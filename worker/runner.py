@@ -1,0 +1,193 @@
+"""Running one job: claim its record, prepare its inputs ahead, batch, store, return (then ack).
+
+A job's inputs are prepared (fetched, decoded, preprocessed) on the shared prefetch pool while the
+model's batcher runs earlier batches; each model holds at most `max_prepared` prepared inputs,
+which bounds memory however many jobs are in flight. Postprocessing runs on the job's own thread,
+off the model's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from config.errors import ErrorInfo, Expired, InputError, ModelError, PipeqError
+from config.settings import Settings
+from producer.jobs import Input, JobDocument, JobMessage
+from producer.records import JobRecords
+from worker.batcher import LANE_RANK, Batcher, WorkItem
+from worker.media import MediaLoader
+from worker.pipelines import CallParams, StagedPipeline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    """A loaded model, its batcher, and the bound on its prepared-but-not-forwarded inputs."""
+
+    staged: StagedPipeline
+    batcher: Batcher
+    permits: threading.Semaphore
+
+
+class JobRunner:
+    def __init__(
+        self,
+        settings: Settings,
+        records: JobRecords,
+        models: dict[str, ServedModel],
+        media: MediaLoader,
+        prefetch_threads: int,
+    ) -> None:
+        self.settings = settings
+        self.records = records
+        self.models = models
+        self.media = media
+        self._prefetch = ThreadPoolExecutor(prefetch_threads, thread_name_prefix="prefetch")
+
+    def close(self) -> None:
+        self._prefetch.shutdown(wait=True, cancel_futures=True)
+
+    def run(self, message: dict[str, Any], worker: str) -> JobDocument | None:
+        """Run one job to a stored result. Returns None when there was nothing to do."""
+        try:
+            job = JobMessage.model_validate(message)
+        except ValidationError as exc:
+            log.error("dropping a message that is not a pipeq job: %s", exc)
+            return None
+        started = time.time()
+        claimed = self._claim(job, worker, started)
+        if claimed is None:
+            return None
+        outputs, errors = self._execute(job)
+        finished = time.time()
+        failed_all = all(error is not None for error in errors)
+        doc = claimed.model_copy(
+            update={
+                "status": _final_status(errors) if failed_all else "succeeded",
+                "outputs": outputs,
+                "errors": errors,
+                "timings": {
+                    **claimed.timings,
+                    "started_at": started,
+                    "finished_at": finished,
+                    "queued_s": started - job.submitted_at,
+                    "run_s": finished - started,
+                },
+            }
+        )
+        self.records.put(doc)
+        return doc
+
+    def _claim(self, job: JobMessage, worker: str, started: float) -> JobDocument | None:
+        """Mark the job running, unless it was cancelled or already finished (a redelivery)."""
+        running = JobDocument(
+            id=job.id,
+            model=job.model,
+            status="running",
+            lane=job.lane,
+            worker=worker,
+            timings={"submitted_at": job.submitted_at, "started_at": started},
+        )
+        changed, current = self.records.transition(running, ("queued", "running"))
+        if changed:
+            return running
+        if current is None:
+            # No record (its TTL ran out while queued, or published by hand): keep a fresh one.
+            self.records.put(running)
+            return running
+        log.info("job %s is %s; not running it", job.id, current.status)
+        return None
+
+    def _execute(self, job: JobMessage) -> tuple[list[Any], list[ErrorInfo | None]]:
+        count = len(job.inputs)
+        served = self.models.get(job.model)
+        if served is None:
+            return _fail_all(count, ModelError(f"this worker does not serve {job.model!r}"))
+        if job.deadline_s is not None and time.time() > job.submitted_at + job.deadline_s:
+            return _fail_all(count, Expired(f"not started within deadline_s={job.deadline_s}"))
+        try:
+            call = served.staged.call_params(job.params)
+        except Exception as exc:  # noqa: BLE001 - the pipeline's own complaint about the params
+            return _fail_all(count, ModelError(f"invalid params {job.params}: {exc}"))
+        rank = LANE_RANK[job.lane]
+        prepared = []
+        for item in job.inputs:
+            served.permits.acquire()
+            prepared.append(self._prefetch.submit(self._prepare, served, item, call, rank))
+        outputs: list[Any] = []
+        errors: list[ErrorInfo | None] = []
+        for future in prepared:
+            try:
+                parts = future.result()
+                outputs.append(served.staged.postprocess([f.result() for f in parts], call))
+                errors.append(None)
+            except PipeqError as exc:
+                outputs.append(None)
+                errors.append(exc.to_info())
+            except Exception as exc:  # noqa: BLE001 - postprocess of one input must not sink the job
+                log.exception("postprocess failed in job %s", job.id)
+                outputs.append(None)
+                errors.append(ModelError(f"{type(exc).__name__}: {exc}").to_info())
+        return outputs, errors
+
+    def _prepare(
+        self, served: ServedModel, item: Input, call: CallParams, rank: int
+    ) -> list[Future[Any]]:
+        """Fetch, decode and preprocess one input, and hand its parts to the batcher."""
+        try:
+            loaded = self.media.load(item, served.staged.spec.modality)
+            try:
+                parts = served.staged.preprocess(loaded, call)
+            except InputError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the pipeline rejects this input
+                raise ModelError(f"preprocess failed: {type(exc).__name__}: {exc}") from exc
+            if not parts:
+                raise ModelError("the pipeline produced nothing to run for this input")
+        except BaseException:
+            served.permits.release()
+            raise
+        items = [
+            WorkItem(
+                part=part,
+                group=(call.key, tuple(sorted(part))),
+                call=call,
+                length=served.staged.part_length(part),
+                lane_rank=rank,
+            )
+            for part in parts
+        ]
+        _release_when_done(items, served.permits)
+        served.batcher.submit(items)
+        return [work.future for work in items]
+
+
+def _release_when_done(items: list[WorkItem], permits: threading.Semaphore) -> None:
+    remaining = [len(items)]
+    lock = threading.Lock()
+
+    def done(_: Future[Any]) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            permits.release()
+
+    for item in items:
+        item.future.add_done_callback(done)
+
+
+def _fail_all(count: int, error: PipeqError) -> tuple[list[Any], list[ErrorInfo | None]]:
+    return [None] * count, [error.to_info()] * count
+
+
+def _final_status(errors: list[ErrorInfo | None]) -> str:
+    return "expired" if all(e is not None and e.type == "Expired" for e in errors) else "failed"

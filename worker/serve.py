@@ -1,0 +1,98 @@
+"""One worker process: load and warm every model it serves, then consume their queues.
+
+Pool: Celery's `threads` pool. Each in-flight job holds one thread that mostly waits on the
+batcher, so concurrency is "jobs in flight", not "forward passes in parallel"; the model itself
+is driven by one batcher thread per model. Models load in this process before the consumer
+starts, so no job is taken before the pipelines are warm.
+
+Shutdown (SIGTERM, Celery's warm shutdown): the consumer stops taking jobs, reserved jobs not yet
+started go back to the broker unacked, jobs in flight finish their batches and store their
+results, then the batchers stop and the prefetch pool closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_ready
+
+from config.celery import LANES, RUN_TASK, make_celery, model_queues, queue_name
+from config.registry import ModelSpec, load_registry
+from config.settings import Settings
+from producer.records import open_records
+from worker.batcher import Batcher
+from worker.media import MediaLoader
+from worker.pipelines import load_staged
+from worker.runner import JobRunner, ServedModel
+
+log = logging.getLogger(__name__)
+
+READY_LINE = "pipeq worker ready"
+
+
+def load_models(specs: list[ModelSpec]) -> dict[str, ServedModel]:
+    served = {}
+    for spec in specs:
+        staged, _ = load_staged(spec)
+        batcher = Batcher(
+            spec.name,
+            staged.forward,
+            max_batch_size=spec.max_batch_size,
+            max_wait_ms=spec.max_wait_ms,
+        ).start()
+        # Two batches prepared ahead: one being formed while one runs.
+        served[spec.name] = ServedModel(staged, batcher, threading.Semaphore(4 * spec.max_batch_size))
+    return served
+
+
+def create_worker_app(settings: Settings, runner: JobRunner, models: list[str]) -> Celery:
+    app = make_celery(settings)
+    app.conf.task_queues = model_queues(models)
+
+    @app.task(name=RUN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+    def run(self: Any, message: dict[str, Any]) -> None:
+        runner.run(message, worker=self.request.hostname)
+
+    return app
+
+
+def serve(settings: Settings, models: list[str] | None, hostname: str, concurrency: int) -> int:
+    """Run a worker in this process until it is shut down; returns its exit code."""
+    specs = load_registry(settings.models).select(models)
+    names = [spec.name for spec in specs]
+    served = load_models(specs)
+    runner = JobRunner(
+        settings,
+        open_records(settings.effective_result_url, settings.result_ttl_s),
+        served,
+        MediaLoader(settings),
+        prefetch_threads=max(4, os.cpu_count() or 1),
+    )
+    app = create_worker_app(settings, runner, names)
+
+    @worker_ready.connect(weak=False)
+    def announce(sender: Any, **_: Any) -> None:
+        print(f"{READY_LINE}: {hostname} serving {', '.join(names)}", flush=True)
+
+    worker = app.Worker(
+        hostname=hostname,
+        pool_cls="threads",
+        concurrency=concurrency,
+        queues=[queue_name(name, lane) for lane in LANES for name in names],
+        loglevel=settings.log_level,
+        without_gossip=True,
+        without_mingle=True,
+        task_events=True,
+    )
+    try:
+        worker.start()
+    finally:
+        for model in served.values():
+            model.batcher.stop()
+        runner.close()
+        runner.media.close()
+    return int(worker.exitcode or 0)
