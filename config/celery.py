@@ -26,7 +26,7 @@ def _broker(settings: Settings) -> tuple[str, dict[str, object]]:
         folder = (settings.data_dir / "broker").resolve()
         folder.mkdir(parents=True, exist_ok=True)
         # The filesystem transport polls once a second unless told otherwise.
-        return "filesystem://", {
+        return "filesystem://localhost/", {
             "data_folder_in": str(folder),
             "data_folder_out": str(folder),
             "control_folder": str(folder),

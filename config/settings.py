@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     flower_basic_auth: str | None = None
     wait_poll_interval_s: float = Field(default=0.05, gt=0)
     log_level: str = "INFO"
+    metrics_port: int = Field(
+        default=9300, ge=0, description="Worker Prometheus port (+ GPU index); 0 = off."
+    )
 
     _split_lists = field_validator("api_keys", "media_roots", mode="before")(_split_commas)
 

@@ -85,8 +85,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     from worker.serve import serve
 
+    settings = Settings()
     models = args.models.split(",") if args.models else None
-    return serve(Settings(), models, plan.hostname, args.concurrency)
+    port = settings.metrics_port and settings.metrics_port + int(plan.gpu or 0)
+    return serve(settings, models, plan.hostname, args.concurrency, port)
 
 
 def _worker_argv(args: argparse.Namespace) -> list[str]:

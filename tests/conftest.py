@@ -27,11 +27,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.tiny_models import build_tiny_models, tiny_registry_yaml
+    from worker.demo import write_demo_registry
 
     root = tmp_path_factory.mktemp("models")
-    paths = build_tiny_models(root)
-    (root / "models.yaml").write_text(tiny_registry_yaml(paths))
+    write_demo_registry(root)
     return root
 
 
@@ -57,6 +56,7 @@ def worker_env(model_dir: Path, media_dir: Path) -> dict[str, str]:
         "PIPEQ_VISIBILITY_TIMEOUT": "8",
         "PIPEQ_UNACKED_RESTORE_INTERVAL_S": "1",
         "PIPEQ_LOG_LEVEL": "WARNING",
+        "PIPEQ_METRICS_PORT": "0",
     }
 
 

@@ -23,6 +23,7 @@ from producer.jobs import Input, JobDocument, JobMessage
 from producer.records import JobRecords
 from worker.batcher import LANE_RANK, Batcher, WorkItem
 from worker.media import MediaLoader
+from worker.metrics import INPUTS, JOBS, QUEUE_WAIT, STAGE_SECONDS
 from worker.pipelines import CallParams, StagedPipeline
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class JobRunner:
         claimed = self._claim(job, worker, started)
         if claimed is None:
             return None
+        QUEUE_WAIT.labels(job.model, job.lane).observe(max(0.0, started - job.submitted_at))
         outputs, errors = self._execute(job)
         finished = time.time()
         failed_all = all(error is not None for error in errors)
@@ -83,7 +85,10 @@ class JobRunner:
                 },
             }
         )
+        stored = time.perf_counter()
         self.records.put(doc)
+        STAGE_SECONDS.labels(job.model, "store").observe(time.perf_counter() - stored)
+        _count(job, doc, errors)
         return doc
 
     def _claim(self, job: JobMessage, worker: str, started: float) -> JobDocument | None:
@@ -126,8 +131,10 @@ class JobRunner:
         errors: list[ErrorInfo | None] = []
         for future in prepared:
             try:
-                parts = future.result()
-                outputs.append(served.staged.postprocess([f.result() for f in parts], call))
+                model_outputs = [f.result() for f in future.result()]
+                began = time.perf_counter()
+                outputs.append(served.staged.postprocess(model_outputs, call))
+                STAGE_SECONDS.labels(job.model, "postprocess").observe(time.perf_counter() - began)
                 errors.append(None)
             except PipeqError as exc:
                 outputs.append(None)
@@ -142,10 +149,15 @@ class JobRunner:
         self, served: ServedModel, item: Input, call: CallParams, rank: int
     ) -> list[Future[Any]]:
         """Fetch, decode and preprocess one input, and hand its parts to the batcher."""
+        name = served.staged.spec.name
         try:
+            began = time.perf_counter()
             loaded = self.media.load(item, served.staged.spec.modality)
+            fetched = time.perf_counter()
+            STAGE_SECONDS.labels(name, "fetch").observe(fetched - began)
             try:
                 parts = served.staged.preprocess(loaded, call)
+                STAGE_SECONDS.labels(name, "preprocess").observe(time.perf_counter() - fetched)
             except InputError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the pipeline rejects this input
@@ -183,6 +195,12 @@ def _release_when_done(items: list[WorkItem], permits: threading.Semaphore) -> N
 
     for item in items:
         item.future.add_done_callback(done)
+
+
+def _count(job: JobMessage, doc: JobDocument, errors: list[ErrorInfo | None]) -> None:
+    JOBS.labels(job.model, doc.status).inc()
+    for error in errors:
+        INPUTS.labels(job.model, "ok" if error is None else error.type).inc()
 
 
 def _fail_all(count: int, error: PipeqError) -> tuple[list[Any], list[ErrorInfo | None]]:

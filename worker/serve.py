@@ -19,6 +19,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import worker_ready
+from celery.utils.nodenames import host_format
 
 from config.celery import LANES, RUN_TASK, make_celery, model_queues, queue_name
 from config.registry import ModelSpec, load_registry
@@ -26,6 +27,7 @@ from config.settings import Settings
 from producer.records import open_records
 from worker.batcher import Batcher
 from worker.media import MediaLoader
+from worker.metrics import LOAD_SECONDS, BatchMetrics, serve_metrics
 from worker.pipelines import load_staged
 from worker.runner import JobRunner, ServedModel
 
@@ -37,12 +39,14 @@ READY_LINE = "pipeq worker ready"
 def load_models(specs: list[ModelSpec]) -> dict[str, ServedModel]:
     served = {}
     for spec in specs:
-        staged, _ = load_staged(spec)
+        staged, load_s = load_staged(spec)
+        LOAD_SECONDS.labels(spec.name).set(load_s)
         batcher = Batcher(
             spec.name,
             staged.forward,
             max_batch_size=spec.max_batch_size,
             max_wait_ms=spec.max_wait_ms,
+            hooks=BatchMetrics(spec.name),
         ).start()
         # Two batches prepared ahead: one being formed while one runs.
         served[spec.name] = ServedModel(staged, batcher, threading.Semaphore(4 * spec.max_batch_size))
@@ -60,8 +64,12 @@ def create_worker_app(settings: Settings, runner: JobRunner, models: list[str]) 
     return app
 
 
-def serve(settings: Settings, models: list[str] | None, hostname: str, concurrency: int) -> int:
+def serve(
+    settings: Settings, models: list[str] | None, hostname: str, concurrency: int, metrics_port: int
+) -> int:
     """Run a worker in this process until it is shut down; returns its exit code."""
+    hostname = host_format(hostname)
+    serve_metrics(metrics_port)
     specs = load_registry(settings.models).select(models)
     names = [spec.name for spec in specs]
     served = load_models(specs)

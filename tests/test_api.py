@@ -1,0 +1,143 @@
+"""The HTTP API served by a real uvicorn on loopback, driven with httpx."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import uvicorn
+
+from config.settings import Settings
+from producer.api import create_app
+from producer.client import Client
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def serve(client: Client) -> Iterator[httpx.Client]:
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(client), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+        yield http
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def api(client: Client) -> Iterator[httpx.Client]:
+    yield from serve(client)
+
+
+@pytest.fixture(scope="module")
+def idle_api(settings: Settings) -> Iterator[httpx.Client]:
+    """An API on a broker database no worker consumes: its jobs stay queued."""
+    broker = settings.broker_url.rsplit("/", 1)[0] + "/12"  # type: ignore[union-attr]
+    redis.Redis.from_url(broker).flushdb()
+    yield from serve(Client(settings.model_copy(update={"broker_url": broker})))
+
+
+@pytest.mark.usefixtures("session_worker")
+def test_submit_and_long_poll(api: httpx.Client) -> None:
+    accepted = api.post("/v1/jobs", json={"model": "tiny-sentiment", "inputs": ["a fine day"]})
+    assert accepted.status_code == 202
+    assert accepted.json()["status"] == "queued"
+    job = api.get(f"/v1/jobs/{accepted.json()['id']}", params={"wait": 30}).json()
+    assert job["status"] == "succeeded"
+    assert job["outputs"][0][0]["label"] in {"NEGATIVE", "NEUTRAL", "POSITIVE"}
+    assert job["errors"] == [None]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"inputs": ["x"]},
+        {"model": "tiny-sentiment", "inputs": []},
+        {"model": "tiny-sentiment", "inputs": [{"url": "ftp://example.com/a.png"}]},
+        {"model": "tiny-sentiment", "inputs": [{"url": "file:///etc/passwd"}]},
+        {"model": "tiny-sentiment", "inputs": [{"data": "not base64!!"}]},
+        {"model": "tiny-sentiment", "inputs": [{"s3": "s3://bucket-only"}]},
+        {"model": "tiny-sentiment", "inputs": ["x"], "priority": "urgent"},
+        {"model": "tiny-sentiment", "inputs": ["x"], "surprise": 1},
+        {"model": "tiny-sentiment", "inputs": [42]},
+    ],
+)
+def test_malformed_bodies_are_422(api: httpx.Client, body: dict[str, Any]) -> None:
+    response = api.post("/v1/jobs", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "invalid request"
+
+
+def test_not_json_is_422(api: httpx.Client) -> None:
+    response = api.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422
+
+
+def test_unknown_model_and_job_are_404(api: httpx.Client) -> None:
+    response = api.post("/v1/jobs", json={"model": "nope", "inputs": ["x"]})
+    assert response.status_code == 404 and "nope" in response.json()["error"]
+    assert api.get("/v1/jobs/does-not-exist").status_code == 404
+    assert api.delete("/v1/jobs/does-not-exist").status_code == 404
+
+
+def test_oversize_inline_data_is_413(api: httpx.Client, settings: Settings) -> None:
+    blob = base64.b64encode(b"\0" * (settings.max_media_bytes + 1)).decode()
+    response = api.post("/v1/jobs", json={"model": "tiny-vit", "inputs": [{"data": blob, "mime": "image/png"}]})
+    assert response.status_code == 413
+
+
+def test_idempotency_key(idle_api: httpx.Client) -> None:
+    body = {"model": "tiny-sentiment", "inputs": ["same"], "id": "order-42"}
+    assert idle_api.post("/v1/jobs", json=body).status_code == 202
+    again = idle_api.post("/v1/jobs", json=body)
+    assert again.status_code == 200 and again.json()["id"] == "order-42"
+    other = idle_api.post("/v1/jobs", json={**body, "inputs": ["different"]})
+    assert other.status_code == 409
+
+
+def test_cancel_queued_job(idle_api: httpx.Client) -> None:
+    job_id = idle_api.post("/v1/jobs", json={"model": "tiny-sentiment", "inputs": ["x"]}).json()["id"]
+    cancelled = idle_api.delete(f"/v1/jobs/{job_id}")
+    assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelled"
+    again = idle_api.delete(f"/v1/jobs/{job_id}")
+    assert again.status_code == 409 and again.json()["job"]["status"] == "cancelled"
+    assert idle_api.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+def test_models_health_metrics(api: httpx.Client) -> None:
+    models = api.get("/v1/models").json()
+    assert models["tiny-vit"]["task"] == "image-classification"
+    assert api.get("/healthz").json() == {"status": "ok"}
+    assert "pipeq_api_requests_total" in api.get("/metrics").text
+
+
+def test_openapi_documents_every_status(api: httpx.Client) -> None:
+    spec = api.get("/openapi.json").json()
+    post = spec["paths"]["/v1/jobs"]["post"]["responses"]
+    assert {"200", "202", "401", "404", "409", "413", "422", "503"} <= set(post)
+
+
+def test_api_keys(settings: Settings) -> None:
+    keyed = Client(settings.model_copy(update={"api_keys": ["s3cret"]}))
+    for http in serve(keyed):
+        assert http.get("/v1/models").status_code == 401
+        assert http.get("/v1/models", headers={"X-API-Key": "wrong"}).status_code == 401
+        assert http.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert http.get("/v1/models", headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert http.get("/healthz").status_code == 200
+        assert http.get("/openapi.json").status_code == 200
+        assert http.get("/v1/models").json()["error"].startswith("missing or wrong API key")

@@ -1,0 +1,57 @@
+"""Worker metrics for Prometheus, one endpoint per worker process (`PIPEQ_METRICS_PORT`, the GPU
+index added for pinned workers). Names are documented in docs/monitoring.md."""
+
+from __future__ import annotations
+
+import torch
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+JOBS = Counter("pipeq_jobs", "Jobs finished, by model and status", ["model", "status"])
+INPUTS = Counter("pipeq_inputs", "Inputs finished, by model and outcome (ok or error type)", ["model", "outcome"])
+BATCH_SIZE = Histogram("pipeq_batch_size", "Items per forward pass", ["model"], buckets=BATCH_SIZES)
+ITEMS_FORWARDED = Counter("pipeq_items_forwarded", "Items through forward passes", ["model"])
+STAGE_SECONDS = Histogram(
+    "pipeq_stage_seconds", "Time in each stage: fetch, preprocess, forward, postprocess, store",
+    ["model", "stage"], buckets=SECONDS,
+)
+QUEUE_WAIT = Histogram(
+    "pipeq_queue_wait_seconds", "From submission to the worker taking the job", ["model", "lane"], buckets=SECONDS
+)
+BATCH_WAIT = Histogram(
+    "pipeq_batch_wait_seconds", "From an item being prepared to its forward pass", ["model"], buckets=SECONDS
+)
+OOM_SPLITS = Counter("pipeq_oom_splits", "Batches split after running out of GPU memory", ["model"])
+LOAD_SECONDS = Gauge("pipeq_pipeline_load_seconds", "Time to load and warm a model", ["model"])
+GPU_MEMORY = Gauge("pipeq_gpu_memory_bytes", "GPU memory allocated by this worker (current, peak)", ["kind"])
+
+
+class BatchMetrics:
+    """The batcher's hooks for one model (see worker.batcher.BatchHooks)."""
+
+    def __init__(self, model: str) -> None:
+        self._size = BATCH_SIZE.labels(model)
+        self._items = ITEMS_FORWARDED.labels(model)
+        self._forward = STAGE_SECONDS.labels(model, "forward")
+        self._wait = BATCH_WAIT.labels(model)
+        self._oom = OOM_SPLITS.labels(model)
+
+    def on_batch(self, size: int, forward_s: float, waited_s: list[float]) -> None:
+        self._size.observe(size)
+        self._items.inc(size)
+        self._forward.observe(forward_s)
+        for waited in waited_s:
+            self._wait.observe(waited)
+        if torch.cuda.is_available():
+            GPU_MEMORY.labels("current").set(torch.cuda.memory_allocated())
+            GPU_MEMORY.labels("peak").set(torch.cuda.max_memory_allocated())
+
+    def on_oom(self, size: int) -> None:
+        self._oom.inc()
+
+
+def serve_metrics(port: int) -> None:
+    if port:
+        start_http_server(port, addr="0.0.0.0")
