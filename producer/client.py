@@ -63,6 +63,39 @@ class Client:
     def submit_request(self, request: JobRequest) -> tuple[JobDocument, bool]:
         """Queue `request`; returns (record, created). A repeated id with the same body returns
         the existing record and queues nothing; with another body it raises JobConflict."""
+        return self.submit_many([request])[0]
+
+    def submit_many(self, requests: list[JobRequest]) -> list[tuple[JobDocument, bool]]:
+        """Queue many jobs with one round trip for their records and one pipelined publish."""
+        for request in requests:
+            self._admit(request)
+        messages = [request.to_message() for request in requests]
+        queued = [
+            JobDocument(
+                id=m.id, model=m.model, status="queued", lane=m.lane,
+                timings={"submitted_at": m.submitted_at},
+            )
+            for m in messages
+        ]
+        fingerprints = [request.fingerprint() for request in requests]
+        existing = self.records.create_many(list(zip(queued, fingerprints, strict=True)))
+        results: list[tuple[JobDocument, bool]] = []
+        fresh: list[JobMessage] = []
+        conflicts: list[str] = []
+        for message, doc, fingerprint, found in zip(messages, queued, fingerprints, existing, strict=True):
+            if found is None:
+                fresh.append(message)
+                results.append((doc, True))
+            else:
+                if found[1] != fingerprint:
+                    conflicts.append(message.id)
+                results.append((found[0], False))
+        self.publish(fresh)
+        if conflicts:
+            raise JobConflict(f"job(s) {', '.join(conflicts)} exist with a different body")
+        return results
+
+    def _admit(self, request: JobRequest) -> None:
         if self.registry.get(request.model) is None:
             raise UnknownModel(
                 f"unknown model {request.model!r}; this service has {', '.join(self.registry.models)}"
@@ -72,34 +105,27 @@ class Client:
                 f"inline data of {request.inline_bytes()} bytes is over PIPEQ_MAX_MEDIA_BYTES "
                 f"({self.settings.max_media_bytes}); send a url or s3 reference instead"
             )
-        message = request.to_message()
-        queued = JobDocument(
-            id=message.id,
-            model=message.model,
-            status="queued",
-            lane=message.lane,
-            timings={"submitted_at": message.submitted_at},
-        )
-        fingerprint = request.fingerprint()
-        existing = self.records.create(queued, fingerprint)
-        if existing is not None:
-            doc, stored_fingerprint = existing
-            if stored_fingerprint != fingerprint:
-                raise JobConflict(f"job {message.id} exists with a different body")
-            return doc, False
-        self.publish(message)
-        return queued, True
 
-    def publish(self, message: JobMessage) -> None:
-        self.celery.send_task(
-            RUN_TASK,
-            args=[message.model_dump(mode="json")],
-            task_id=message.id,
-            queue=queue_name(message.model, message.lane),
-            # What Flower shows instead of the arguments: never the inline media bytes.
-            argsrepr=f"{message.model} x{len(message.inputs)} {message.lane}",
-            kwargsrepr="{}",
-        )
+    def publish(self, messages: list[JobMessage]) -> None:
+        """Publish in one pipelined batch (kombu's Producer.batch). If the broker refuses, the
+        records of these jobs are removed, so a retry with the same ids queues them again."""
+        try:
+            with self.celery.producer_or_acquire() as producer, producer.batch(max_size=1000):
+                for message in messages:
+                    self.celery.send_task(
+                        RUN_TASK,
+                        args=[message.model_dump(mode="json")],
+                        task_id=message.id,
+                        queue=queue_name(message.model, message.lane),
+                        producer=producer,
+                        # What Flower shows instead of the arguments: never inline media bytes.
+                        argsrepr=f"{message.model} x{len(message.inputs)} {message.lane}",
+                        kwargsrepr="{}",
+                    )
+        except Exception:
+            for message in messages:
+                self.records.delete(message.id)
+            raise
 
     def get(self, job_id: str) -> JobDocument:
         doc = self.records.get(job_id)

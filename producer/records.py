@@ -33,9 +33,28 @@ return {0, redis.call('HGET', KEYS[1], 'doc')}
 """
 
 
+# KEYS[1] record; ARGV[1] fingerprint, ARGV[2] status, ARGV[3] doc, ARGV[4] ttl.
+# Returns nil when created, else the existing {doc, fingerprint}.
+_CREATE = """
+if redis.call('HSETNX', KEYS[1], 'fp', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'status', ARGV[2], 'doc', ARGV[3])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  return nil
+end
+return {redis.call('HGET', KEYS[1], 'doc'), redis.call('HGET', KEYS[1], 'fp')}
+"""
+
+
 class JobRecords(Protocol):
     def create(self, doc: JobDocument, fingerprint: str) -> tuple[JobDocument, str] | None:
         """Store a new record; if the id exists, return the existing (doc, fingerprint)."""
+
+    def create_many(
+        self, docs: list[tuple[JobDocument, str]]
+    ) -> list[tuple[JobDocument, str] | None]:
+        """`create` for many records in one round trip where the store allows it."""
+
+    def delete(self, job_id: str) -> None: ...
 
     def get(self, job_id: str) -> JobDocument | None: ...
 
@@ -57,20 +76,28 @@ class RedisRecords:
         )
         self._ttl_s = ttl_s
         self._cas = self._redis.register_script(_CAS)
+        self._create = self._redis.register_script(_CREATE)
 
     def create(self, doc: JobDocument, fingerprint: str) -> tuple[JobDocument, str] | None:
-        key = _KEY + doc.id
-        pipe = self._redis.pipeline()
-        pipe.hsetnx(key, "fp", fingerprint)
-        pipe.hget(key, "fp")
-        created, stored_fp = pipe.execute()
-        if not created:
-            existing = self.get(doc.id)
-            if existing is not None:
-                return existing, stored_fp.decode()
-        self._redis.hset(key, mapping={"status": doc.status, "doc": doc.model_dump_json()})
-        self._redis.expire(key, self._ttl_s)
-        return None
+        return self.create_many([(doc, fingerprint)])[0]
+
+    def create_many(
+        self, docs: list[tuple[JobDocument, str]]
+    ) -> list[tuple[JobDocument, str] | None]:
+        pipe = self._redis.pipeline(transaction=False)
+        for doc, fingerprint in docs:
+            self._create(
+                keys=[_KEY + doc.id],
+                args=[fingerprint, doc.status, doc.model_dump_json(), self._ttl_s],
+                client=pipe,
+            )
+        return [
+            None if found is None else (JobDocument.model_validate_json(found[0]), found[1].decode())
+            for found in pipe.execute()
+        ]
+
+    def delete(self, job_id: str) -> None:
+        self._redis.delete(_KEY + job_id)
 
     def get(self, job_id: str) -> JobDocument | None:
         raw = self._redis.hget(_KEY + job_id, "doc")
@@ -132,6 +159,14 @@ class SqliteRecords:
             return None
         row = db.execute("SELECT doc, fp FROM jobs WHERE id = ?", (doc.id,)).fetchone()
         return JobDocument.model_validate_json(row[0]), row[1]
+
+    def create_many(
+        self, docs: list[tuple[JobDocument, str]]
+    ) -> list[tuple[JobDocument, str] | None]:
+        return [self.create(doc, fingerprint) for doc, fingerprint in docs]
+
+    def delete(self, job_id: str) -> None:
+        self._db().execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def get(self, job_id: str) -> JobDocument | None:
         row = (
