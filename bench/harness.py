@@ -52,11 +52,14 @@ def percentiles(latencies_s: list[float]) -> tuple[float, float]:
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
-def start_process(command: list[str], env: dict[str, str], log_path: Path, ready: str, timeout_s: float = 300) -> subprocess.Popen[bytes]:
+def start_process(
+    command: list[str], env: dict[str, str], log_path: Path, ready: str, ready_count: int = 1, timeout_s: float = 300
+) -> subprocess.Popen[bytes]:
+    """Start `command`, logging to `log_path`, and wait until `ready` has appeared `ready_count` times."""
     log = log_path.open("w")
     proc = subprocess.Popen(command, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
-    while ready not in log_path.read_text():
+    while log_path.read_text().count(ready) < ready_count:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"{command} did not start:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.1)
@@ -72,9 +75,9 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
             proc.kill()
 
 
-def start_pipeq_worker(env: dict[str, str], log_path: Path, *args: str) -> subprocess.Popen[bytes]:
+def start_pipeq_worker(env: dict[str, str], log_path: Path, *args: str, ready_count: int = 1) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "producer.cli", "worker", *args]
-    return start_process(command, env, log_path, READY_LINE)
+    return start_process(command, env, log_path, READY_LINE, ready_count)
 
 
 def start_naive_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:

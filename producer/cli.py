@@ -55,6 +55,47 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if doc.status in ("queued", "running", "succeeded") else 1
 
 
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from producer.backfill import backfill
+    from producer.client import Client
+
+    try:
+        summary = backfill(
+            Client(), args.manifest, args.model, args.params, args.out, args.chunk,
+            args.max_in_flight, args.resume, column=args.column, manifest_format=args.format,
+            show_progress=not args.json,
+        )
+    except (ValueError, OSError) as exc:
+        print(f"pipeq backfill: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(asdict(summary)))
+    else:
+        state = "done" if summary.complete else "interrupted (finish with --resume)"
+        print(
+            f"{state}: {summary.succeeded:,} succeeded, {summary.failed:,} failed, "
+            f"{summary.skipped:,} skipped, {summary.inputs_per_s:,.0f} inputs/s -> {summary.out}",
+            file=sys.stderr,
+        )
+    return 0 if summary.complete else 130
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("--params takes a JSON object")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+    return value
+
+
 def cmd_models(_: argparse.Namespace) -> int:
     from config.registry import load_registry
 
@@ -75,9 +116,10 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.launch import plan_workers, supervise, visible_gpus
 
-    plans = plan_workers(args.gpus, visible_gpus(dict(os.environ)), args.name)
+    settings = Settings()
+    plans = plan_workers(args.gpus, visible_gpus(dict(os.environ)), args.name, args.procs_per_gpu)
     if len(plans) > 1:
-        return supervise(plans, _worker_argv(args))
+        return supervise(plans, _worker_argv(args), settings.metrics_port)
     (plan,) = plans
     if plan.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = plan.gpu
@@ -85,10 +127,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     from worker.serve import serve
 
-    settings = Settings()
     models = args.models.split(",") if args.models else None
-    port = settings.metrics_port and settings.metrics_port + int(plan.gpu or 0)
-    return serve(settings, models, plan.hostname, args.concurrency, port)
+    return serve(settings, models, plan.hostname, args.concurrency, settings.metrics_port)
 
 
 def _worker_argv(args: argparse.Namespace) -> list[str]:
@@ -102,10 +142,46 @@ def cmd_up(args: argparse.Namespace) -> int:
     return run_up(Settings(), args.host, args.port, args.gpus)
 
 
+def cmd_flower(args: argparse.Namespace) -> int:
+    from producer.flower import run_flower
+
+    return run_flower(Settings(), args.port)
+
+
 def cmd_demo(_: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
     return run_demo(Settings())
+
+
+def cmd_webhooks_worker(args: argparse.Namespace) -> int:
+    from worker.callbacks import serve_webhooks
+
+    return serve_webhooks(Settings(), args.concurrency)
+
+
+def cmd_webhooks_failed(_: argparse.Namespace) -> int:
+    from producer.webhooks import DeadLetters
+
+    for letter in DeadLetters(Settings().effective_result_url).list():
+        delivery = letter.delivery
+        print(json.dumps({
+            "id": delivery.id, "event": delivery.event, "url": delivery.url,
+            "attempts": letter.attempts, "error": letter.error, "failed_at": letter.failed_at,
+        }))
+    return 0
+
+
+def cmd_webhooks_replay(args: argparse.Namespace) -> int:
+    from config.celery import make_celery
+    from producer.webhooks import DeadLetters
+
+    settings = Settings()
+    dead, celery = DeadLetters(settings.effective_result_url), make_celery(settings)
+    for webhook_id in args.ids:
+        delivery = dead.replay(celery, webhook_id)
+        print(f"replaying {delivery.id} -> {delivery.url}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--gpus", default="auto", help="auto, cpu, or indices like 0,1")
     worker.add_argument("--models", help="comma-separated model names (default: all)")
     worker.add_argument("--concurrency", type=int, default=64, help="jobs in flight per worker")
+    worker.add_argument("--procs-per-gpu", type=int, default=1, help="worker processes per GPU")
     worker.add_argument("--name", help="worker hostname template (default gpuN@%%h / cpu@%%h)")
     worker.set_defaults(func=cmd_worker)
 
@@ -133,6 +210,24 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--id", help="idempotency key")
     submit.set_defaults(func=cmd_submit)
 
+    backfill = commands.add_parser(
+        "backfill", help="run a manifest through the bulk lane into JSONL shards (resumable)"
+    )
+    backfill.add_argument("manifest", help="JSONL, CSV, a plain list, or s3://bucket/prefix/")
+    backfill.add_argument("--model", required=True)
+    backfill.add_argument("--params", type=_json_object, default={}, metavar="JSON")
+    backfill.add_argument("--out", help="DIR or s3://bucket/prefix (default: ./NAME-results)")
+    backfill.add_argument("--chunk", type=_positive, default=100, help="inputs per bulk job")
+    backfill.add_argument("--max-in-flight", type=_positive, default=10_000, metavar="N",
+                          help="most inputs queued or running at once")
+    backfill.add_argument("--resume", action="store_true", help="skip ids already in --out")
+    backfill.add_argument("--column", help="the CSV column holding the inputs")
+    backfill.add_argument("--format", choices=["jsonl", "csv", "list"],
+                          help="manifest format (default: from the file's extension)")
+    backfill.add_argument("--json", action="store_true",
+                          help="no progress bar; print the summary as JSON")
+    backfill.set_defaults(func=cmd_backfill)
+
     models = commands.add_parser("models", help="print the model registry as loaded")
     models.set_defaults(func=cmd_models)
 
@@ -144,6 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="serve demo models offline and submit sample jobs")
     demo.set_defaults(func=cmd_demo)
+
+    webhooks = commands.add_parser("webhooks", help="webhook delivery and its dead letters")
+    hooks = webhooks.add_subparsers(dest="webhooks_command", required=True)
+    hooks_worker = hooks.add_parser("worker", help="deliver webhooks (queue pipeq.webhooks)")
+    hooks_worker.add_argument("--concurrency", type=int, default=32, help="deliveries in flight")
+    hooks_worker.set_defaults(func=cmd_webhooks_worker)
+    failed = hooks.add_parser("failed", help="list dead-lettered webhooks, one JSON per line")
+    failed.set_defaults(func=cmd_webhooks_failed)
+    replay = hooks.add_parser("replay", help="deliver dead-lettered webhooks again")
+    replay.add_argument("ids", nargs="+", metavar="ID", help="webhook-id, as `failed` lists it")
+    replay.set_defaults(func=cmd_webhooks_replay)
+
+    flower = commands.add_parser("flower", help="Flower dashboard of pipeq's workers and jobs")
+    flower.add_argument("--port", type=int, default=5555)
+    flower.set_defaults(func=cmd_flower)
     return parser
 
 

@@ -40,8 +40,14 @@ def visible_gpus(env: dict[str, str]) -> list[str]:
     return [str(i) for i, line in enumerate(listing.stdout.splitlines()) if line.startswith("GPU ")]
 
 
-def plan_workers(gpus: str, visible: list[str], name: str | None = None) -> list[WorkerPlan]:
-    """Which worker processes `--gpus` asks for, given the GPUs this process can see."""
+def plan_workers(
+    gpus: str, visible: list[str], name: str | None = None, procs_per_gpu: int = 1
+) -> list[WorkerPlan]:
+    """Which worker processes `--gpus` asks for, given the GPUs this process can see.
+
+    Several processes per GPU (each with its own copy of the models) let more cores feed one GPU
+    when per-job Python work, not the forward pass, is the limit; the GPU interleaves their batches.
+    """
     if gpus == "cpu" or (gpus == "auto" and not visible):
         return [WorkerPlan(name or "cpu@%h", None)]
     wanted = visible if gpus == "auto" else [g.strip() for g in gpus.split(",") if g.strip()]
@@ -51,22 +57,37 @@ def plan_workers(gpus: str, visible: list[str], name: str | None = None) -> list
             f"--gpus {gpus}: GPU(s) {', '.join(unknown) or '(none)'} not visible; "
             f"visible: {', '.join(visible) or 'none (use --gpus cpu)'}"
         )
-    template = name or "gpu{gpu}@%h"
-    return [WorkerPlan(template.format(gpu=gpu), gpu) for gpu in wanted]
+    template = name or ("gpu{gpu}@%h" if procs_per_gpu == 1 else "gpu{gpu}-{proc}@%h")
+    return [
+        WorkerPlan(template.format(gpu=gpu, proc=proc), gpu)
+        for gpu in wanted
+        for proc in range(procs_per_gpu)
+    ]
 
 
-def child_command(plan: WorkerPlan, argv: list[str]) -> tuple[list[str], dict[str, str]]:
+def child_command(
+    plan: WorkerPlan, argv: list[str], metrics_port: int
+) -> tuple[list[str], dict[str, str]]:
     """The command and environment of one pinned child: the same `pipeq worker` invocation
     restricted to its GPU, which inside the child is the only one visible."""
     assert plan.gpu is not None
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": plan.gpu}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": plan.gpu, "PIPEQ_METRICS_PORT": str(metrics_port)}
     command = [sys.executable, "-m", "producer.cli", "worker", *argv, "--gpus", plan.gpu]
-    command += ["--name", plan.hostname]
+    command += ["--procs-per-gpu", "1", "--name", plan.hostname]
     return command, env
 
 
-def supervise(plans: list[WorkerPlan], argv: list[str], restart_delay_s: float = 5.0) -> int:
-    children = {plan: _start_child(plan, argv) for plan in plans}
+def supervise(
+    plans: list[WorkerPlan], argv: list[str], metrics_port: int, restart_delay_s: float = 5.0
+) -> int:
+    """Run one child per plan; metrics ports are `metrics_port` + the plan's index (0 = off)."""
+    ports = {plan: metrics_port and metrics_port + i for i, plan in enumerate(plans)}
+
+    def start(plan: WorkerPlan) -> subprocess.Popen[bytes]:
+        command, env = child_command(plan, argv, ports[plan])
+        return subprocess.Popen(command, env=env)
+
+    children = {plan: start(plan) for plan in plans}
     stopping = False
 
     def forward(signum: int, _frame: FrameType | None) -> None:
@@ -84,12 +105,7 @@ def supervise(plans: list[WorkerPlan], argv: list[str], restart_delay_s: float =
             if code is not None and not stopping:
                 log.error("worker %s exited with %s; restarting in %.0f s", plan.hostname, code, restart_delay_s)
                 time.sleep(restart_delay_s)
-                children[plan] = _start_child(plan, argv)
+                children[plan] = start(plan)
         if stopping and all(child.poll() is not None for child in children.values()):
             return max(child.returncode for child in children.values())
         time.sleep(0.5)
-
-
-def _start_child(plan: WorkerPlan, argv: list[str]) -> subprocess.Popen[bytes]:
-    command, env = child_command(plan, argv)
-    return subprocess.Popen(command, env=env)

@@ -6,6 +6,7 @@ batching uses the library's own collate and un-batching (`pad_collate_fn`, `Pipe
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import time
@@ -21,10 +22,18 @@ from transformers.pipelines.pt_utils import PipelineIterator
 
 from config.errors import ConfigError
 from config.registry import ModelSpec
+from worker.media import MediaLoader
 
 log = logging.getLogger(__name__)
 
 ModelInputs = dict[str, Any]
+
+# Tasks whose answer holds one vector per token: batching pads them, so each output is cut back
+# to its own input's length (pipeline(input) never sees padding).
+_PER_TOKEN_OUTPUT_TASKS = frozenset({"feature-extraction"})
+# Tasks the library cannot un-batch across inputs of different lengths (document QA's
+# select_starts_ends fails on mismatched shapes): only equal lengths share a batch.
+_EQUAL_LENGTH_BATCH_TASKS = frozenset({"document-question-answering"})
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,10 @@ class StagedPipeline:
             key=key,
         )
 
+    def load(self, item: Any, media: MediaLoader) -> Any:
+        """One job input -> what this pipeline's preprocess takes (fetched and decoded)."""
+        return media.load(item, self.spec.modality)
+
     def preprocess(self, item: Any, call: CallParams) -> list[ModelInputs]:
         """One input -> the model inputs the pipeline would forward (several for chunked tasks)."""
         if self.chunked:
@@ -113,8 +126,24 @@ class StagedPipeline:
         if len(parts) == 1:
             return [self.pipe.forward(parts[0], **call.forward)]
         batch = self._collate(parts)
-        unbatched = PipelineIterator([batch], self.pipe.forward, call.forward, len(parts))
-        return list(unbatched)
+        outputs = list(PipelineIterator([batch], self.pipe.forward, call.forward, len(parts)))
+        if self.spec.task in _PER_TOKEN_OUTPUT_TASKS:
+            for part, output in zip(parts, outputs, strict=True):
+                self._trim_padding(output, self.part_length(part))
+        return outputs
+
+    def _trim_padding(self, output: Any, length: int) -> None:
+        left = self.pipe.tokenizer is not None and self.pipe.tokenizer.padding_side == "left"
+        for key, value in output.items():
+            if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[1] > length:
+                output[key] = value[:, -length:] if left else value[:, :length]
+
+    def group_key(self, part: ModelInputs, call: CallParams) -> tuple[Any, ...]:
+        """Parts with equal keys may share a forward pass."""
+        key: tuple[Any, ...] = (call.key, tuple(sorted(part)))
+        if self.spec.task in _EQUAL_LENGTH_BATCH_TASKS:
+            key += (self.part_length(part),)
+        return key
 
     def postprocess(self, outputs: list[Any], call: CallParams) -> Any:
         model_output = outputs if self.chunked else outputs[0]
@@ -151,11 +180,25 @@ def warm_input(spec: ModelSpec) -> tuple[Any, dict[str, Any]]:
     return "warm up", params
 
 
+def _staged_class(spec: ModelSpec) -> type[StagedPipeline]:
+    if not spec.gpu_preprocess:
+        return StagedPipeline
+    if spec.task != "image-classification":
+        raise ConfigError(f"{spec.name}: gpu_preprocess is implemented for image-classification only")
+    from worker.gpu_images import GpuImagePipeline
+
+    return GpuImagePipeline
+
+
 def load_staged(spec: ModelSpec) -> tuple[StagedPipeline, float]:
     """Load and warm one model; returns it and its load time in seconds."""
     started = time.perf_counter()
-    staged = StagedPipeline(spec, load_pipeline(spec))
+    staged = _staged_class(spec)(spec, load_pipeline(spec))
     item, params = warm_input(spec)
+    if spec.gpu_preprocess:
+        buffer = io.BytesIO()
+        item.save(buffer, format="JPEG")
+        item = buffer.getvalue()
     staged.run_one(item, params)
     elapsed = time.perf_counter() - started
     log.info("loaded %s (%s) on %s in %.1f s", spec.name, spec.task, staged.pipe.device, elapsed)

@@ -25,6 +25,7 @@ from worker.batcher import LANE_RANK, Batcher, WorkItem
 from worker.media import MediaLoader
 from worker.metrics import INPUTS, JOBS, QUEUE_WAIT, STAGE_SECONDS
 from worker.pipelines import CallParams, StagedPipeline
+from worker.stores import ResultStores
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class JobRunner:
     ) -> None:
         self.settings = settings
         self.records = records
+        self.results = ResultStores(settings, records)
         self.models = models
         self.media = media
         self._prefetch = ThreadPoolExecutor(prefetch_threads, thread_name_prefix="prefetch")
@@ -57,7 +59,8 @@ class JobRunner:
         self._prefetch.shutdown(wait=True, cancel_futures=True)
 
     def run(self, message: dict[str, Any], worker: str) -> JobDocument | None:
-        """Run one job to a stored result. Returns None when there was nothing to do."""
+        """Run one job to a stored result and return its record as stored (outputs not inline
+        when they went to S3). Returns None when there was nothing to do."""
         try:
             job = JobMessage.model_validate(message)
         except ValidationError as exc:
@@ -86,10 +89,10 @@ class JobRunner:
             }
         )
         stored = time.perf_counter()
-        self.records.put(doc)
+        record = self.results.save(doc, job.store)
         STAGE_SECONDS.labels(job.model, "store").observe(time.perf_counter() - stored)
-        _count(job, doc, errors)
-        return doc
+        _count(job, record, errors)
+        return record
 
     def _claim(self, job: JobMessage, worker: str, started: float) -> JobDocument | None:
         """Mark the job running, unless it was cancelled or already finished (a redelivery)."""
@@ -100,6 +103,7 @@ class JobRunner:
             lane=job.lane,
             worker=worker,
             timings={"submitted_at": job.submitted_at, "started_at": started},
+            webhook=job.webhook,
         )
         changed, current = self.records.transition(running, ("queued", "running"))
         if changed:
@@ -152,7 +156,7 @@ class JobRunner:
         name = served.staged.spec.name
         try:
             began = time.perf_counter()
-            loaded = self.media.load(item, served.staged.spec.modality)
+            loaded = served.staged.load(item, self.media)
             fetched = time.perf_counter()
             STAGE_SECONDS.labels(name, "fetch").observe(fetched - began)
             try:
@@ -170,7 +174,7 @@ class JobRunner:
         items = [
             WorkItem(
                 part=part,
-                group=(call.key, tuple(sorted(part))),
+                group=served.staged.group_key(part, call),
                 call=call,
                 length=served.staged.part_length(part),
                 lane_rank=rank,

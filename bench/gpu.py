@@ -1,0 +1,437 @@
+"""GPU benchmark, one run, side by side (fits one 10-minute device run):
+
+    source bench/gpu_setup.sh && python3 -m bench.gpu [--gpus 1|all] [--smoke]
+
+1. the raw forward ceiling on GPU tensors (ViT-B/16 224 and BERT-base, fp16, random weights);
+2. in-process `pipeline(list, batch_size=B)` at its best B;
+3. a naive Celery task calling the pipeline once per job (bench/naive.py);
+4. pipeq end to end (publish -> fetch -> decode -> batch -> forward -> result stored in Redis):
+   ViT on 640x480 JPEG files by path, 1 and 64 images per job; BERT on texts of 10-300 words,
+   one per job; plus p50/p99 latency at 10% and 80% of pipeq's peak, GPU utilisation, worker RSS,
+   and the GPU-preprocessing parity bound. `--smoke` runs the same code tiny, on the CPU.
+Writes bench/results/gpu.json (or $OUT/gpu.json) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import redis
+import torch
+from celery import Celery
+from PIL import Image
+
+from bench.harness import (
+    Record,
+    markdown_table,
+    naive_closed_loop,
+    naive_open_load,
+    percentiles,
+    start_naive_worker,
+    start_pipeq_worker,
+    stop_process,
+    versions,
+    write_results,
+)
+from config.celery import make_celery, queue_name
+from config.settings import Settings
+from producer.client import Client
+from producer.jobs import JobRequest
+
+
+@dataclass
+class Scale:
+    device: str
+    dtype: torch.dtype
+    images: int
+    texts: int
+    naive_jobs: int
+    vit: dict[str, Any]
+    bert: dict[str, Any]
+
+
+FULL = Scale("cuda", torch.float16, 8192, 8192, 300, {}, {})
+SMOKE = Scale(
+    "cpu", torch.float32, 64, 64, 10,
+    {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+    {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+)
+
+
+# ---- data and models -------------------------------------------------------------------------
+
+def make_jpegs(folder: Path, count: int) -> list[Path]:
+    """Natural-looking 640x480 JPEGs: scikit-image sample photos, cropped and flipped."""
+    try:
+        from skimage import data as samples
+
+        bases = [samples.astronaut(), samples.coffee(), samples.chelsea(), samples.rocket()]
+    except ImportError:  # the smoke run here has no scikit-image
+        rng0 = np.random.default_rng(1)
+        bases = [rng0.integers(0, 255, (480, 640, 3), dtype=np.uint8) for _ in range(4)]
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(min(count, 512)):
+        base = Image.fromarray(bases[i % len(bases)])
+        w, h = base.size
+        x0, y0 = int(rng.integers(0, w // 4)), int(rng.integers(0, h // 4))
+        image = base.crop((x0, y0, x0 + w * 3 // 4, y0 + h * 3 // 4)).resize((640, 480))
+        if i % 2:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        path = folder / f"{i}.jpg"
+        image.save(path, "JPEG", quality=90)
+        paths.append(path)
+    return [paths[i % len(paths)] for i in range(count)]
+
+
+def make_texts(count: int, words: list[str]) -> list[str]:
+    rng = np.random.default_rng(0)
+    return [" ".join(rng.choice(words, size=int(rng.integers(10, 300)))) for _ in range(count)]
+
+
+def build_vit(folder: Path, extra: dict[str, Any]) -> Path:
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    ViTForImageClassification(ViTConfig(num_labels=1000, **extra)).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(folder)
+    return folder
+
+
+def build_bert(folder: Path, extra: dict[str, Any]) -> tuple[Path, list[str]]:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(20000)]
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator([" ".join(words)], trainers.WordLevelTrainer(special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", model_max_length=512,
+    )
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tok.get_vocab_size(), num_labels=3, **extra)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder, words
+
+
+# ---- in-process baselines --------------------------------------------------------------------
+
+def best_of(fn: Any, items: int, reps: int = 3) -> float:
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(reps):
+        started = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return items / best
+
+
+def vit_ceiling(path: Path, scale: Scale) -> tuple[float, int]:
+    from transformers import ViTForImageClassification
+
+    model = ViTForImageClassification.from_pretrained(path, dtype=scale.dtype).to(scale.device).eval()
+    results = {}
+    with torch.inference_mode():
+        for batch in (128, 256):
+            x = torch.randn(batch, 3, 224, 224, device=scale.device, dtype=scale.dtype)
+            results[batch] = best_of(lambda x=x: [model(pixel_values=x).logits for _ in range(8)], 8 * batch)
+    del model
+    best = max(results, key=results.__getitem__)
+    return results[best], best
+
+
+def bert_ceiling(path: Path, texts: list[str], scale: Scale) -> tuple[float, int]:
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = BertForSequenceClassification.from_pretrained(path, dtype=scale.dtype).to(scale.device).eval()
+    encoded = tok(texts, truncation=True)["input_ids"]
+    order = sorted(range(len(texts)), key=lambda j: len(encoded[j]))
+    results = {}
+    with torch.inference_mode():
+        for batch in (64, 256):
+            tensors = []
+            for i in range(0, len(order), batch):
+                rows = [encoded[j] for j in order[i : i + batch]]
+                longest = max(map(len, rows))
+                ids = torch.zeros(len(rows), longest, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for k, row in enumerate(rows):
+                    ids[k, : len(row)] = torch.tensor(row)
+                    mask[k, : len(row)] = 1
+                tensors.append((ids.to(scale.device), mask.to(scale.device)))
+            results[batch] = best_of(lambda t=tensors: [model(input_ids=i, attention_mask=m).logits for i, m in t], len(texts))
+    del model
+    best = max(results, key=results.__getitem__)
+    return results[best], best
+
+
+def pipeline_best(task: str, path: Path, items: list[Any], scale: Scale, batches: tuple[int, ...], **call: Any) -> tuple[float, int]:
+    from transformers import pipeline
+
+    pipe = pipeline(task, model=str(path), device=scale.device, dtype=scale.dtype)
+    results = {b: best_of(lambda b=b: pipe(items, batch_size=b, **call), len(items), reps=2) for b in batches}
+    del pipe
+    best = max(results, key=results.__getitem__)
+    return results[best], best
+
+
+def gpu_parity(path: Path, images: list[Path], scale: Scale) -> dict[str, float]:
+    """GPU decode + fast processor vs the library's CPU path on the same JPEGs: logits bound."""
+    from config.registry import ModelSpec
+    from worker.gpu_images import GpuImagePipeline
+    from worker.pipelines import StagedPipeline, load_pipeline
+
+    spec = ModelSpec(name="vit", task="image-classification", model=str(path), dtype="float16", device="cuda", gpu_preprocess=True)
+    gpu = GpuImagePipeline(spec, load_pipeline(spec))
+    cpu_spec = spec.model_copy(update={"gpu_preprocess": False})
+    cpu = StagedPipeline(cpu_spec, load_pipeline(cpu_spec.model_copy(update={"pipeline_kwargs": {"use_fast": False}})))
+    call_g, call_c = gpu.call_params({}), cpu.call_params({})
+    sample = images[:64]
+    got = gpu.forward([gpu.preprocess(p.read_bytes(), call_g)[0] for p in sample], call_g)
+    want = cpu.forward([cpu.preprocess(Image.open(p).convert("RGB"), call_c)[0] for p in sample], call_c)
+    g = torch.cat([o["logits"] for o in got]).float()
+    c = torch.cat([o["logits"].float() for o in want])
+    return {
+        "max_abs_logit_diff": float((g - c).abs().max()),
+        "top1_agreement": float((g.argmax(-1) == c.argmax(-1)).float().mean()),
+    }
+
+
+# ---- through queues --------------------------------------------------------------------------
+
+class Sampler:
+    """GPU utilisation and worker RSS sampled every 100 ms while a measurement runs."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.util: list[float] = []
+        self.rss: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:  # noqa: BLE001 - no NVML on the CPU smoke run
+            handles = []
+        while not self._stop.wait(0.1):
+            if handles:
+                self.util.append(float(np.mean([pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in handles])))
+            rss = 0
+            for pid in self.pids:
+                try:
+                    proc = psutil.Process(pid)
+                    rss += proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+                except psutil.NoSuchProcess:
+                    pass
+            self.rss.append(rss / 2**20)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def extra(self) -> dict[str, float]:
+        return {
+            "gpu_util_mean_pct": float(np.mean(self.util)) if self.util else -1.0,
+            "worker_rss_max_mib": float(max(self.rss)) if self.rss else -1.0,
+        }
+
+
+def prefilled_run(client: Client, control: Celery, workers: list[str], model: str, inputs: list[Any], per_job: int, params: dict[str, Any]) -> tuple[float, list[float], int]:
+    """Fill the queue while the workers are paused, resume them, and time the drain from the
+    workers' own clocks: items / (last finished - first started). Returns (items/s, latencies, jobs)."""
+    queue = queue_name(model, "interactive")
+    control.control.cancel_consumer(queue, destination=workers, reply=True)
+    requests = [JobRequest(model=model, inputs=inputs[i : i + per_job], params=params) for i in range(0, len(inputs), per_job)]
+    docs = []
+    for i in range(0, len(requests), 1000):
+        docs += [doc for doc, _ in client.submit_many(requests[i : i + 1000])]
+    control.control.add_consumer(queue, destination=workers, reply=True)
+    finished = [client.wait(doc.id, timeout_s=600) for doc in docs]
+    bad = [d for d in finished if d.status != "succeeded" or any(e is not None for e in d.errors or [])]
+    assert not bad, bad[0]
+    first = min(d.timings["started_at"] for d in finished)
+    last = max(d.timings["finished_at"] for d in finished)
+    return len(inputs) / (last - first), [d.timings["finished_at"] - d.timings["started_at"] for d in finished], len(docs)
+
+
+def paced_latency(client: Client, model: str, inputs: list[Any], rate_per_s: float, params: dict[str, Any]) -> tuple[float, float]:
+    """Open-loop load at `rate_per_s` jobs/s, one input per job: p50/p99 of submit -> stored."""
+    started = time.time()
+    ids = []
+    for n, item in enumerate(inputs):
+        delay = started + n / rate_per_s - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        ids.append(client.submit(model, [item], params))
+    docs = [client.wait(job_id, timeout_s=300) for job_id in ids]
+    return percentiles([d.timings["finished_at"] - d.timings["submitted_at"] for d in docs])
+
+
+def registry_yaml(vit: Path, bert: Path, scale: Scale) -> str:
+    dtype = "float16" if scale.device == "cuda" else "float32"
+    gpu = "true" if scale.device == "cuda" else "false"
+    return f"""models:
+  vit:
+    task: image-classification
+    model: {vit}
+    dtype: {dtype}
+    gpu_preprocess: {gpu}
+    max_batch_size: 256
+    max_wait_ms: 2
+  bert:
+    task: text-classification
+    model: {bert}
+    dtype: {dtype}
+    params: {{truncation: true}}
+    max_batch_size: 256
+    max_wait_ms: 2
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the code paths")
+    parser.add_argument("--redis", default=os.environ.get("PIPEQ_BROKER_URL", "redis://127.0.0.1:6399/0"))
+    parser.add_argument("--procs-per-gpu", type=int, default=4, help="for the BERT one-text-per-job run")
+    args = parser.parse_args()
+    scale = SMOKE if args.smoke else FULL
+    out = Path(os.environ.get("OUT", "bench/results")) / "gpu.json"
+    work = Path(tempfile.mkdtemp(prefix="pipeq-gpu-"))
+    device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    records: list[Record] = []
+    meta: dict[str, Any] = {"versions": versions(), "device": device_name, "cpus": os.cpu_count()}
+
+    def record(name: str, items_per_s: float, batch: int | None = None, lat: tuple[float, float] | None = None, **extra: Any) -> None:
+        r = Record(name, items_per_s, batch, lat[0] if lat else None, lat[1] if lat else None, device=device_name, extra=extra)
+        records.append(r)
+        print(json.dumps(r.__dict__), flush=True)
+
+    images = make_jpegs(work / "images", scale.images)
+    vit = build_vit(work / "vit", scale.vit)
+    bert, words = build_bert(work / "bert", scale.bert)
+    texts = make_texts(scale.texts, words)
+
+    rate, batch = vit_ceiling(vit, scale)
+    record("vit raw forward, GPU tensors (ceiling)", rate, batch)
+    rate, batch = pipeline_best("image-classification", vit, [str(p) for p in images[:512]], scale, (64, 128))
+    record("vit in-process pipeline(paths)", rate, batch)
+    rate, batch = bert_ceiling(bert, texts[:4096], scale)
+    record("bert raw forward, length-sorted batches (ceiling)", rate, batch)
+    rate, batch = pipeline_best("text-classification", bert, texts[:4096], scale, (64, 256), truncation=True)
+    record("bert in-process pipeline(texts)", rate, batch)
+    if scale.device == "cuda":
+        meta["gpu_preprocess_parity"] = gpu_parity(vit, images, scale)
+        print("parity", meta["gpu_preprocess_parity"], flush=True)
+        torch.cuda.empty_cache()
+
+    broker = args.redis
+    redis.Redis.from_url(broker).flushdb()
+    naive_db = broker.rsplit("/", 1)[0] + "/1"
+    redis.Redis.from_url(naive_db).flushdb()
+    for task, path, items, label in (
+        ("image-classification", vit, [str(p) for p in images], "vit"),
+        ("text-classification", bert, texts, "bert"),
+    ):
+        env = {"NAIVE_BROKER": naive_db, "NAIVE_TASK": task, "NAIVE_MODEL": str(path), "NAIVE_DEVICE": scale.device}
+        naive = start_naive_worker(env, work / f"naive-{label}.log")
+        try:
+            app = Celery("naive", broker=naive_db, backend=naive_db)
+            app.conf.update(task_serializer="json", accept_content=["json"])
+            naive_closed_loop(app, items[:5])
+            rate, latencies = naive_open_load(app, items[: scale.naive_jobs])
+            record(f"{label} naive celery task, one per job", rate, 1, percentiles(latencies))
+        finally:
+            stop_process(naive)
+
+    (work / "models.yaml").write_text(registry_yaml(vit, bert, scale))
+    env = {
+        "PIPEQ_BROKER_URL": broker,
+        "PIPEQ_MODELS": str(work / "models.yaml"),
+        "PIPEQ_MEDIA_ROOTS": str(work / "images"),
+        "PIPEQ_METRICS_PORT": "0",
+        "PIPEQ_LOG_LEVEL": "WARNING",
+    }
+    settings = Settings(broker_url=broker, models=work / "models.yaml")
+    client = Client(settings)
+    control = make_celery(settings)
+    refs = [{"path": str(p)} for p in images]
+    gpus = "auto" if scale.device == "cuda" else "cpu"
+
+    worker = start_pipeq_worker(env, work / "pipeq.log", "--gpus", gpus, "--concurrency", "256", "--name", "bench@%h")
+    hostname = f"bench@{os.uname().nodename}"
+    try:
+        client.wait(client.submit("vit", refs[:64]), 120)  # warm the larger batch shapes
+        with Sampler([worker.pid]) as sampler:
+            rate, lat, jobs = prefilled_run(client, control, [hostname], "vit", refs, 64, {})
+        record("vit pipeq end to end, 64 images per job", rate, 64, percentiles(lat), jobs=jobs, **sampler.extra())
+        with Sampler([worker.pid]) as sampler:
+            rate, lat, jobs = prefilled_run(client, control, [hostname], "vit", refs[: scale.images // 2], 1, {})
+        vit_peak = rate
+        record("vit pipeq end to end, 1 image per job", rate, 1, percentiles(lat), jobs=jobs, **sampler.extra())
+        for share in (0.1, 0.8):
+            jobs_n = max(20, int(vit_peak * share * 4))
+            lat2 = paced_latency(client, "vit", refs[:jobs_n], vit_peak * share, {})
+            record(f"vit pipeq latency at {int(share * 100)}% of 1-per-job peak ({vit_peak * share:.0f} jobs/s)", vit_peak * share, 1, lat2)
+        with Sampler([worker.pid]) as sampler:
+            rate, lat, jobs = prefilled_run(client, control, [hostname], "bert", texts, 1, {})
+        record("bert pipeq end to end, 1 text per job, 1 process", rate, 1, percentiles(lat), jobs=jobs, **sampler.extra())
+    finally:
+        stop_process(worker)
+
+    if args.procs_per_gpu > 1:
+        name = "benchp-{proc}@%h" if scale.device == "cuda" else "benchp@%h"
+        extra_args = ["--procs-per-gpu", str(args.procs_per_gpu)] if scale.device == "cuda" else []
+        host = os.uname().nodename
+        names = [f"benchp-{i}@{host}" for i in range(args.procs_per_gpu)] if scale.device == "cuda" else [f"benchp@{host}"]
+        group = start_pipeq_worker(
+            env, work / "pipeq-procs.log", "--gpus", gpus, "--models", "bert", "--concurrency", "128",
+            "--name", name, *extra_args, ready_count=len(names),
+        )
+        try:
+            with Sampler([group.pid]) as sampler:
+                rate, lat, jobs = prefilled_run(client, control, names, "bert", texts, 1, {})
+            record(f"bert pipeq end to end, 1 text per job, {args.procs_per_gpu} processes per GPU", rate, 1, percentiles(lat), jobs=jobs, **sampler.extra())
+        finally:
+            stop_process(group)
+
+    write_results(out, records, meta)
+    print()
+    print(markdown_table(records))
+    print(json.dumps(meta, indent=1))
+
+
+if __name__ == "__main__":
+    main()
