@@ -9,6 +9,8 @@ from config.settings import Settings
 
 LANES = ("interactive", "bulk")
 RUN_TASK = "pipeq.run"
+WEBHOOK_TASK = "pipeq.webhook"
+WEBHOOK_QUEUE = "pipeq.webhooks"
 
 
 def queue_name(model: str, lane: str) -> str:
@@ -65,6 +67,7 @@ def make_celery(settings: Settings) -> Celery:
         task_track_started=True,
         task_create_missing_queues=True,
         task_default_queue="pipeq.default",
+        task_routes={WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE}},
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,

@@ -7,16 +7,19 @@
     │   ├── JobNotFound           no job with this id (never existed, or its TTL ran out)
     │   ├── JobConflict           the id exists with another body, or the job cannot change state
     │   └── PayloadTooLarge       inline data over PIPEQ_MAX_MEDIA_BYTES
-    └── InputError                one input failed; the job's other inputs go on
-        ├── MediaError            a media reference could not be read
-        │   ├── MediaNotFound     missing file, 404, no such S3 key
-        │   ├── MediaTooLarge     over PIPEQ_MAX_MEDIA_BYTES
-        │   ├── MediaTimeout      the remote end was too slow
-        │   ├── UnsafeReference   private address, path outside PIPEQ_MEDIA_ROOTS, bad scheme
-        │   └── FetchFailed       any other transport failure (5xx after retries, TLS, DNS)
-        ├── DecodeError           bytes that are not the media the model's task needs
-        ├── ModelError            the pipeline raised on this input
-        └── Expired               the input was not started before the job's deadline
+    ├── InputError                one input failed; the job's other inputs go on
+    │   ├── MediaError            a media reference could not be read
+    │   │   ├── MediaNotFound     missing file, 404, no such S3 key
+    │   │   ├── MediaTooLarge     over PIPEQ_MAX_MEDIA_BYTES
+    │   │   ├── MediaTimeout      the remote end was too slow
+    │   │   ├── UnsafeReference   private address, path outside PIPEQ_MEDIA_ROOTS, bad scheme
+    │   │   └── FetchFailed       any other transport failure (5xx after retries, TLS, DNS)
+    │   ├── DecodeError           bytes that are not the media the model's task needs
+    │   ├── ModelError            the pipeline raised on this input
+    │   └── Expired               the input was not started before the job's deadline
+    ├── StoreError                a result could not be written to or read back from S3
+    └── WebhookError              webhooks: delivery set-up or verification
+        └── InvalidSignature      a received webhook is unsigned, forged, tampered with or stale
 
 Per-input errors cross the wire as JSON (`ErrorInfo`: type, message, retryable), never pickled.
 """
@@ -111,3 +114,17 @@ class ModelError(InputError):
 
 class Expired(InputError):
     """The input was not started before the job's deadline."""
+
+
+class StoreError(PipeqError):
+    """A result could not be written to, or read back from, its store (S3)."""
+
+    retryable = True
+
+
+class WebhookError(PipeqError):
+    """Webhook delivery could not be set up, or a received webhook could not be verified."""
+
+
+class InvalidSignature(WebhookError):
+    """A received webhook is unsigned, forged, tampered with, or outside the timestamp tolerance."""

@@ -49,7 +49,27 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None
     s3_bucket: str | None = None
     s3_prefix: str = "pipeq/results"
-    webhook_secret: str | None = None
+    s3_result_threshold_bytes: int = Field(
+        default=1024 * 1024,
+        gt=0,
+        description="A result whose JSON is larger goes to S3 (when PIPEQ_S3_BUCKET is set).",
+    )
+    s3_presign_ttl_s: int = Field(
+        default=3600, gt=0, le=7 * 86_400, description="Lifetime of a presigned result_url."
+    )
+    webhook_secret: str | None = Field(
+        default=None, description="whsec_<base64>; required by `pipeq webhooks worker`."
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="One delivery attempt.")
+    webhook_retry_span_s: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="How long after its first attempt a failing webhook is retried before it "
+        "becomes a dead letter.",
+    )
+    webhook_backoff_first_s: float = Field(
+        default=1.0, gt=0, description="The first retry delay; each next one doubles (jittered)."
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     allow_private_urls: bool = False
     media_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)

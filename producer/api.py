@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from config.errors import JobConflict, JobNotFound, PayloadTooLarge, UnknownModel
+from config.errors import JobConflict, JobNotFound, PayloadTooLarge, StoreError, UnknownModel
 from producer.client import Client
 from producer.jobs import JobAccepted, JobDocument, JobRequest
 
@@ -68,6 +68,7 @@ def create_app(client: Client | None = None) -> FastAPI:
         details = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
         return JSONResponse({"error": "invalid request", "detail": details}, status_code=422)
 
+    @app.exception_handler(StoreError)
     @app.exception_handler(OperationalError)
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
@@ -94,11 +95,15 @@ def create_app(client: Client | None = None) -> FastAPI:
         return accepted if created else JSONResponse(accepted.model_dump(), status_code=200)
 
     @app.get("/v1/jobs/{job_id}", response_model=JobDocument, dependencies=auth, responses=_ERRORS)
-    async def get_job(job_id: str, wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0) -> JobDocument:
+    async def get_job(
+        job_id: str,
+        wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0,
+        presign: Annotated[bool, Query(description="an https result_url for S3 results")] = False,
+    ) -> JobDocument:
         deadline = time.monotonic() + wait
         while True:
             try:
-                doc = await run_in_threadpool(client.get, job_id)
+                doc = await run_in_threadpool(client.get, job_id, presign)
             except JobNotFound as exc:
                 raise HTTPException(404, str(exc)) from exc
             if doc.done or time.monotonic() >= deadline:

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from celery import Celery
+from celery.canvas import Signature
 
 from config.celery import RUN_TASK, make_celery, queue_name
 from config.errors import JobConflict, JobNotFound, PayloadTooLarge, UnknownModel
@@ -13,6 +14,8 @@ from config.registry import Registry, load_registry
 from config.settings import Settings
 from producer.jobs import Input, JobDocument, JobMessage, JobRequest, Lane, Webhook
 from producer.records import JobRecords, open_records
+from producer.webhooks import publish_for
+from worker.stores import ResultStores
 
 
 class Client:
@@ -31,6 +34,7 @@ class Client:
         self.records: JobRecords = open_records(
             self.settings.effective_result_url, self.settings.result_ttl_s
         )
+        self.results = ResultStores(self.settings, self.records)
 
     def submit(
         self,
@@ -43,8 +47,12 @@ class Client:
         webhook: Webhook | dict[str, Any] | None = None,
         store: str = "redis",
         deadline_s: float | None = None,
+        link: Signature | None = None,
+        link_error: Signature | None = None,
     ) -> str:
-        """Queue one job and return its id."""
+        """Queue one job and return its id. `link` (`link_error`) is a Celery signature of the
+        producer's own, applied to the job document (JSON) when the job succeeds (fails or
+        expires); neither runs for a cancelled job."""
         request = JobRequest.model_validate(
             {
                 "model": model,
@@ -57,7 +65,7 @@ class Client:
                 "deadline_s": deadline_s,
             }
         )
-        doc, _ = self.submit_request(request)
+        [(doc, _)] = self.submit_many([request], link=link, link_error=link_error)
         return doc.id
 
     def submit_request(self, request: JobRequest) -> tuple[JobDocument, bool]:
@@ -65,7 +73,13 @@ class Client:
         the existing record and queues nothing; with another body it raises JobConflict."""
         return self.submit_many([request])[0]
 
-    def submit_many(self, requests: list[JobRequest]) -> list[tuple[JobDocument, bool]]:
+    def submit_many(
+        self,
+        requests: list[JobRequest],
+        *,
+        link: Signature | None = None,
+        link_error: Signature | None = None,
+    ) -> list[tuple[JobDocument, bool]]:
         """Queue many jobs with one round trip for their records and one pipelined publish."""
         for request in requests:
             self._admit(request)
@@ -73,7 +87,7 @@ class Client:
         queued = [
             JobDocument(
                 id=m.id, model=m.model, status="queued", lane=m.lane,
-                timings={"submitted_at": m.submitted_at},
+                timings={"submitted_at": m.submitted_at}, webhook=m.webhook,
             )
             for m in messages
         ]
@@ -90,7 +104,7 @@ class Client:
                 if found[1] != fingerprint:
                     conflicts.append(message.id)
                 results.append((found[0], False))
-        self.publish(fresh)
+        self.publish(fresh, link=link, link_error=link_error)
         if conflicts:
             raise JobConflict(f"job(s) {', '.join(conflicts)} exist with a different body")
         return results
@@ -106,7 +120,13 @@ class Client:
                 f"({self.settings.max_media_bytes}); send a url or s3 reference instead"
             )
 
-    def publish(self, messages: list[JobMessage]) -> None:
+    def publish(
+        self,
+        messages: list[JobMessage],
+        *,
+        link: Signature | None = None,
+        link_error: Signature | None = None,
+    ) -> None:
         """Publish in one pipelined batch (kombu's Producer.batch). If the broker refuses, the
         records of these jobs are removed, so a retry with the same ids queues them again."""
         try:
@@ -118,6 +138,8 @@ class Client:
                         task_id=message.id,
                         queue=queue_name(message.model, message.lane),
                         producer=producer,
+                        link=link,
+                        link_error=link_error,
                         # What Flower shows instead of the arguments: never inline media bytes.
                         argsrepr=f"{message.model} x{len(message.inputs)} {message.lane}",
                         kwargsrepr="{}",
@@ -127,11 +149,13 @@ class Client:
                 self.records.delete(message.id)
             raise
 
-    def get(self, job_id: str) -> JobDocument:
+    def get(self, job_id: str, presign: bool = False) -> JobDocument:
+        """The job's record, with its outputs read back from S3 where they were stored there;
+        `presign` swaps such a job's `s3://` result_url for a presigned https URL."""
         doc = self.records.get(job_id)
         if doc is None:
             raise JobNotFound(f"no job {job_id!r} (never submitted, or its result expired)")
-        return doc
+        return self.results.load(doc, presign)
 
     def wait(self, job_id: str, timeout_s: float = 60.0) -> JobDocument:
         """Poll until the job is finished or `timeout_s` passes; return the latest record."""
@@ -153,4 +177,6 @@ class Client:
         )
         if current is None:
             raise JobNotFound(f"no job {job_id!r}")
+        if changed:
+            publish_for(self.celery, current)
         return current, changed

@@ -174,6 +174,7 @@ class JobDocument(BaseModel):
     result_url: str | None = None
     timings: dict[str, float] = Field(default_factory=dict)
     worker: str | None = None
+    webhook: Webhook | None = None
 
     @property
     def done(self) -> bool:

@@ -26,6 +26,7 @@ from config.registry import ModelSpec, load_registry
 from config.settings import Settings
 from producer.records import open_records
 from worker.batcher import Batcher
+from worker.callbacks import finished_earlier, job_finished
 from worker.media import MediaLoader
 from worker.metrics import LOAD_SECONDS, BatchMetrics, serve_metrics
 from worker.pipelines import load_staged
@@ -58,8 +59,11 @@ def create_worker_app(settings: Settings, runner: JobRunner, models: list[str]) 
     app.conf.task_queues = model_queues(models)
 
     @app.task(name=RUN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
-    def run(self: Any, message: dict[str, Any]) -> None:
-        runner.run(message, worker=self.request.hostname)
+    def run(self: Any, message: dict[str, Any]) -> dict[str, Any] | None:
+        record = runner.run(message, worker=self.request.hostname)
+        # Webhook publishing and Celery links (the job document) hang off the finished record.
+        record = record or finished_earlier(runner.records, message)
+        return job_finished(app, self.request, record)
 
     return app
 

@@ -1,0 +1,220 @@
+"""After a job: its webhook and its Celery links; and webhook delivery, in its own worker.
+
+The GPU worker only publishes: when `pipeq.run` finishes a job it sends one `pipeq.webhook`
+message to the `pipeq.webhooks` queue (about a millisecond) and hands Celery the job document
+for the producer's `link` / `link_error`. Sending happens in `pipeq webhooks worker`, a
+separate process with no models, so a slow or dead receiver never holds a GPU worker's thread.
+
+Each attempt signs the body afresh per Standard Webhooks (the `webhook-id` stays
+`<job id>.<event>`; the timestamp is the attempt's), refuses non-public addresses exactly as
+media fetching does (worker/urlguard.py, on the resolved host and on the connected peer; no
+redirects), and retries timeouts, connection errors, 429 and 5xx with exponential backoff and
+jitter until PIPEQ_WEBHOOK_RETRY_SPAN_S has passed since the first attempt. Then, or at once on
+any other answer (3xx, 4xx, an unsafe address), the delivery becomes a dead letter.
+
+Backoff is capped at half the visibility timeout: a Celery retry is an ETA message the worker
+holds unacked, and Redis hands an unacked message to another consumer once it is older than the
+visibility timeout (research/celery.md section 2), which would send the webhook twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from celery import Celery
+from celery.signals import worker_ready
+from celery.utils.nodenames import host_format
+from kombu import Queue
+from pydantic import ValidationError
+from standardwebhooks.webhooks import Webhook
+
+from config.celery import WEBHOOK_QUEUE, WEBHOOK_TASK, make_celery
+from config.errors import ConfigError, FetchFailed, UnsafeReference
+from config.settings import Settings
+from producer.jobs import FINAL_STATUSES, JobDocument
+from producer.records import JobRecords, open_records
+from producer.webhooks import DeadLetter, DeadLetters, WebhookDelivery, publish_for
+from worker.stores import ResultStores
+from worker.urlguard import check_peer, checked_url
+
+log = logging.getLogger(__name__)
+
+READY_LINE = "pipeq webhooks worker ready"
+_MAX_DOUBLINGS = 30  # 2**30 first steps is far past any cap; keeps the float finite
+
+
+# --- the GPU worker's side -------------------------------------------------------------------
+
+
+def job_finished(celery: Celery, request: Any, record: JobDocument | None) -> dict[str, Any] | None:
+    """Publish the job's webhook and set up its links; returns what `pipeq.run` returns.
+
+    Celery applies `request.callbacks` (the producer's `link`) to the task's return value, after
+    it returns, even with task_ignore_result. A succeeded job keeps its `link`; a failed or
+    expired one gets its `link_error` in that place, so both callbacks receive the job document
+    (Celery's own errbacks get only the task id, and only when the task raises); a job that did
+    not run (cancelled) calls neither. An exception in the task still reaches `link_error` the
+    Celery way, with the job id.
+    """
+    if record is None:
+        request.callbacks = None
+        return None
+    publish_for(celery, record)
+    if record.status != "succeeded":
+        request.callbacks = request.errbacks
+    return record.model_dump(mode="json")
+
+
+def finished_earlier(records: JobRecords, message: dict[str, Any]) -> JobDocument | None:
+    """The record of a redelivered job that a first copy already finished (its worker died
+    before the ack, so its webhook and links may not have gone out: they go again)."""
+    job_id = message.get("id") if isinstance(message, dict) else None
+    record = records.get(job_id) if isinstance(job_id, str) else None
+    if record is None or record.status not in FINAL_STATUSES or record.status == "cancelled":
+        return None
+    return record
+
+
+# --- the webhooks worker ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: str
+    retryable: bool
+
+
+class WebhookSender:
+    """One signed POST per call; says whether and how it failed."""
+
+    def __init__(self, settings: Settings, http: httpx.Client, stores: ResultStores) -> None:
+        self._signer = Webhook(settings.webhook_secret or "")
+        self._allow_private = settings.allow_private_urls
+        self._http = http
+        self._stores = stores
+
+    def send(self, delivery: WebhookDelivery) -> Failure | None:
+        body = json.dumps(self._body(delivery), separators=(",", ":"))
+        now = datetime.now(tz=UTC)
+        headers = {
+            "webhook-id": delivery.id,
+            "webhook-timestamp": str(int(now.timestamp())),
+            "webhook-signature": self._signer.sign(delivery.id, now, body),
+            "content-type": "application/json",
+        }
+        try:
+            url = checked_url(httpx.URL(delivery.url), self._allow_private)
+            with self._http.stream("POST", url, content=body.encode(), headers=headers) as response:
+                if not self._allow_private:
+                    check_peer(response)
+                status = response.status_code
+        except UnsafeReference as exc:
+            return Failure(str(exc), retryable=False)
+        except FetchFailed as exc:  # DNS: the name may resolve again
+            return Failure(str(exc), retryable=True)
+        except httpx.TimeoutException as exc:
+            return Failure(f"no answer in time: {type(exc).__name__}", retryable=True)
+        except httpx.TransportError as exc:
+            return Failure(f"{type(exc).__name__}: {exc}", retryable=True)
+        except httpx.InvalidURL as exc:
+            return Failure(f"not a valid URL: {exc}", retryable=False)
+        if 200 <= status < 300:
+            return None
+        return Failure(f"HTTP {status}", retryable=status == 429 or status >= 500)
+
+    def _body(self, delivery: WebhookDelivery) -> dict[str, Any]:
+        # An S3-stored result is not inlined (it is large by definition): the receiver gets a
+        # presigned result_url, signed per attempt so it is fresh however late the attempt.
+        result_url = delivery.body.get("result_url")
+        if isinstance(result_url, str) and result_url.startswith("s3://"):
+            return {**delivery.body, "result_url": self._stores.presigned_url(result_url)}
+        return delivery.body
+
+
+def backoff_s(retries: int, first_s: float, cap_s: float) -> float:
+    """Exponential, with "equal jitter": half of each step fixed, half random, so retries of many
+    deliveries to one receiver spread out but none comes back at once."""
+    step = min(cap_s, first_s * 2 ** min(retries, _MAX_DOUBLINGS))
+    return step / 2 + random.uniform(0, step / 2)
+
+
+def create_webhooks_app(settings: Settings, sender: WebhookSender, dead: DeadLetters) -> Celery:
+    app = make_celery(settings)
+    app.conf.task_queues = [Queue(WEBHOOK_QUEUE)]
+    cap_s = settings.visibility_timeout_s / 2
+
+    @app.task(name=WEBHOOK_TASK, bind=True, max_retries=None, acks_late=True)
+    def deliver(self: Any, message: dict[str, Any]) -> None:
+        try:
+            delivery = WebhookDelivery.model_validate(message)
+        except ValidationError as exc:
+            log.error("dropping a message that is not a pipeq webhook: %s", exc)
+            return
+        failure = sender.send(delivery)
+        if failure is None:
+            log.info("webhook %s delivered to %s", delivery.id, delivery.url)
+            return
+        delay_s = backoff_s(self.request.retries, settings.webhook_backoff_first_s, cap_s)
+        give_up_at = delivery.first_attempt_at + settings.webhook_retry_span_s
+        if failure.retryable and time.time() + delay_s < give_up_at:
+            raise self.retry(countdown=delay_s)
+        attempts = self.request.retries + 1
+        letter = DeadLetter(
+            delivery=delivery, error=failure.reason, attempts=attempts, failed_at=time.time()
+        )
+        dead.add(letter)
+        log.warning(
+            "webhook %s to %s is a dead letter after %d attempt(s): %s",
+            delivery.id,
+            delivery.url,
+            attempts,
+            failure.reason,
+        )
+
+    return app
+
+
+def serve_webhooks(settings: Settings, concurrency: int) -> int:
+    """Run `pipeq webhooks worker` in this process until it is shut down."""
+    if not settings.webhook_secret:
+        raise ConfigError("PIPEQ_WEBHOOK_SECRET (whsec_<base64>) is needed to sign webhooks")
+    try:
+        Webhook(settings.webhook_secret)
+    except Exception as exc:  # noqa: BLE001 - the library's several ways of saying "bad secret"
+        raise ConfigError(f"PIPEQ_WEBHOOK_SECRET is not a whsec_<base64> secret: {exc}") from exc
+    records = open_records(settings.effective_result_url, settings.result_ttl_s)
+    http = httpx.Client(
+        timeout=httpx.Timeout(settings.webhook_timeout_s),
+        follow_redirects=False,
+        # A proxy from the environment would make the peer the proxy, and hide the real host.
+        trust_env=False,
+    )
+    sender = WebhookSender(settings, http, ResultStores(settings, records))
+    app = create_webhooks_app(settings, sender, DeadLetters(settings.effective_result_url))
+    hostname = host_format("webhooks@%h")
+
+    @worker_ready.connect(weak=False)
+    def announce(sender: Any, **_: Any) -> None:
+        print(f"{READY_LINE}: {hostname}", flush=True)
+
+    worker = app.Worker(
+        hostname=hostname,
+        pool_cls="threads",
+        concurrency=concurrency,
+        queues=[WEBHOOK_QUEUE],
+        loglevel=settings.log_level,
+        without_gossip=True,
+        without_mingle=True,
+    )
+    try:
+        worker.start()
+    finally:
+        http.close()
+    return int(worker.exitcode or 0)
