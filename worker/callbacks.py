@@ -141,7 +141,7 @@ class WebhookSender:
 def backoff_s(retries: int, first_s: float, cap_s: float) -> float:
     """Exponential, with "equal jitter": half of each step fixed, half random, so retries of many
     deliveries to one receiver spread out but none comes back at once."""
-    step = min(cap_s, first_s * 2 ** min(retries, _MAX_DOUBLINGS))
+    step = min(cap_s, first_s * 2.0 ** min(retries, _MAX_DOUBLINGS))
     return step / 2 + random.uniform(0, step / 2)
 
 
