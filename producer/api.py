@@ -19,6 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from config.errors import JobConflict, JobNotFound, PayloadTooLarge, StoreError, UnknownModel
 from producer.client import Client
 from producer.jobs import JobAccepted, JobDocument, JobRequest
+from producer.queue_depth import register_queue_depth
 
 MAX_WAIT_S = 60.0
 
@@ -40,6 +41,7 @@ def create_app(client: Client | None = None) -> FastAPI:
     requests = Counter(
         "pipeq_api_requests", "API requests by route and status", ["route", "status"], registry=metrics
     )
+    register_queue_depth(metrics, client)
     app = FastAPI(title="pipeq", version="0.1.0")
 
     def require_key(
