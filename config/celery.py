@@ -49,6 +49,8 @@ def _broker(settings: Settings) -> tuple[str, dict[str, object]]:
 def make_celery(settings: Settings) -> Celery:
     broker_url, transport_options = _broker(settings)
     app = Celery("pipeq", broker=broker_url)
+    if broker_url.startswith(("redis://", "rediss://")):
+        app.conf.broker_transport = "config.redis_transport:Transport"
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -62,8 +64,8 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
         task_track_started=True,
         task_create_missing_queues=True,
         task_default_queue="pipeq.default",
