@@ -96,6 +96,11 @@ class StagedPipeline:
         self.chunked = isinstance(pipe, ChunkPipeline)
         processor = pipe.feature_extractor if pipe.feature_extractor is not None else pipe.image_processor
         self._collate = pad_collate_fn(pipe.tokenizer, processor)
+        self._postprocess: Any = pipe.postprocess
+        if spec.task == "image-classification":
+            from worker.fast_postprocess import ImageClassificationPostprocess
+
+            self._postprocess = ImageClassificationPostprocess(pipe)
 
     def call_params(self, params: dict[str, Any]) -> CallParams:
         """Merge the model's default params with the job's and split them per stage.
@@ -147,7 +152,7 @@ class StagedPipeline:
 
     def postprocess(self, outputs: list[Any], call: CallParams) -> Any:
         model_output = outputs if self.chunked else outputs[0]
-        result = self.pipe.postprocess(model_output, **call.postprocess)
+        result = self._postprocess(model_output, **call.postprocess)
         # TextClassificationPipeline.__call__ wraps one string's answer in a list unless top_k
         # is given; match pipeline(input) exactly.
         if self.spec.task == "text-classification" and "top_k" not in call.given:
