@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     flower_basic_auth: str | None = None
     wait_poll_interval_s: float = Field(default=0.05, gt=0)
     log_level: str = "INFO"
+    task_events: bool = Field(
+        default=True,
+        description="Per-job Celery events for Flower: three extra broker round trips per job on "
+        "the worker's consumer thread, which caps one process near 200-250 jobs/s of one input.",
+    )
     metrics_port: int = Field(
         default=9300, ge=0, description="Worker Prometheus port (+ GPU index); 0 = off."
     )

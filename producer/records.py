@@ -71,9 +71,17 @@ class JobRecords(Protocol):
 
 class RedisRecords:
     def __init__(self, url: str, ttl_s: int) -> None:
-        self._redis = redis.Redis.from_url(
-            url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=10
+        # A worker has one thread per job in flight, all touching records at once: threads wait
+        # for a connection rather than fail (redis-py's default pool stops at 100).
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=512,
+            timeout=30,
+            socket_timeout=10,
+            socket_connect_timeout=5,
+            health_check_interval=10,
         )
+        self._redis = redis.Redis(connection_pool=pool)
         self._ttl_s = ttl_s
         self._cas = self._redis.register_script(_CAS)
         self._create = self._redis.register_script(_CREATE)

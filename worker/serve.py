@@ -20,6 +20,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_ready
 from celery.utils.nodenames import host_format
+from redis.exceptions import RedisError
 
 from config.celery import LANES, RUN_TASK, make_celery, model_queues, queue_name
 from config.registry import ModelSpec, load_registry
@@ -58,7 +59,19 @@ def create_worker_app(settings: Settings, runner: JobRunner, models: list[str]) 
     app = make_celery(settings)
     app.conf.task_queues = model_queues(models)
 
-    @app.task(name=RUN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+    # A store that is briefly unreachable must not cost the job: Celery re-queues it (same id,
+    # results are idempotent) with backoff instead of acking a failure.
+    @app.task(
+        name=RUN_TASK,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        autoretry_for=(RedisError,),
+        retry_backoff=True,
+        retry_backoff_max=30,
+        retry_jitter=True,
+        max_retries=None,
+    )
     def run(self: Any, message: dict[str, Any]) -> dict[str, Any] | None:
         record = runner.run(message, worker=self.request.hostname)
         # Webhook publishing and Celery links (the job document) hang off the finished record.
@@ -98,7 +111,7 @@ def serve(
         loglevel=settings.log_level,
         without_gossip=True,
         without_mingle=True,
-        task_events=True,
+        task_events=settings.task_events,
     )
     try:
         worker.start()
