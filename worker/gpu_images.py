@@ -20,7 +20,10 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from config.errors import DecodeError, MediaTooLarge
+from transformers.pipelines.base import Pipeline
+
+from config.errors import ConfigError, DecodeError, MediaTooLarge
+from config.registry import ModelSpec
 from producer.jobs import DataRef, PathRef, S3Ref, UrlRef
 from worker.media import MediaLoader
 from worker.pipelines import CallParams, ModelInputs, StagedPipeline
@@ -29,6 +32,22 @@ _MEDIA_REFS = (UrlRef, S3Ref, PathRef, DataRef)
 
 
 class GpuImagePipeline(StagedPipeline):
+    def __init__(self, spec: ModelSpec, pipe: Pipeline) -> None:
+        super().__init__(spec, pipe)
+        if not _runs_on_gpu(pipe.image_processor):
+            # A model saved with the PIL processor: that one pulls CUDA tensors back to the CPU and
+            # resizes with PIL (~250 img/s). Its torchvision twin runs on the GPU.
+            from transformers import AutoImageProcessor
+
+            pipe.image_processor = AutoImageProcessor.from_pretrained(
+                spec.model, revision=spec.revision, backend="torchvision"
+            )
+        if not _runs_on_gpu(pipe.image_processor):
+            raise ConfigError(
+                f"{spec.name}: gpu_preprocess needs the torchvision image processor; got "
+                f"{type(pipe.image_processor).__name__} (is torchvision installed?)"
+            )
+
     def load(self, item: Any, media: MediaLoader) -> Any:
         if not isinstance(item, _MEDIA_REFS):
             raise DecodeError("image models take a media reference (url, s3, path or data)")
@@ -75,3 +94,9 @@ class GpuImagePipeline(StagedPipeline):
             logits = self.pipe.model(pixel_values=inputs["pixel_values"].to(self.pipe.dtype)).logits
         logits = logits.float().cpu()
         return [{"logits": logits[i : i + 1]} for i in range(len(parts))]
+
+
+def _runs_on_gpu(processor: Any) -> bool:
+    """The torchvision-backed processors (`TorchvisionBackend`, formerly `...Fast`) take device=."""
+    names = {cls.__name__ for cls in type(processor).__mro__}
+    return bool(names & {"TorchvisionBackend", "BaseImageProcessorFast"})
