@@ -18,7 +18,9 @@ import argparse
 import io
 import json
 import os
+import subprocess
 import tempfile
+import urllib.request
 import threading
 import time
 from dataclasses import dataclass
@@ -61,7 +63,7 @@ class Scale:
     bert: dict[str, Any]
 
 
-FULL = Scale("cuda", torch.float16, 8192, 8192, 300, {}, {})
+FULL = Scale("cuda", torch.float16, 16384, 4096, 300, {}, {})
 SMOKE = Scale(
     "cpu", torch.float32, 64, 64, 10,
     {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
@@ -269,6 +271,19 @@ class Sampler:
         }
 
 
+METRICS_PORT = 9400
+OUT_DIR = Path(os.environ.get("OUT", "bench/results"))
+
+
+def profiled(pid: int, name: str, enabled: bool, seconds: int = 6) -> subprocess.Popen[bytes] | None:
+    """py-spy, sampling whichever thread holds the GIL, while a measurement runs."""
+    if not enabled:
+        return None
+    command = ["py-spy", "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "--gil", "--subprocesses"]
+    command += ["-f", "raw", "-o", str(OUT_DIR / f"prof-{name}.txt")]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def prefilled_run(client: Client, control: Celery, workers: list[str], model: str, inputs: list[Any], per_job: int, params: dict[str, Any]) -> tuple[float, list[float], int]:
     """Fill the queue while the workers are paused, resume them, and time the drain from the
     workers' own clocks: items / (last finished - first started). Returns (items/s, latencies, jobs)."""
@@ -321,29 +336,9 @@ def registry_yaml(vit: Path, bert: Path, scale: Scale) -> str:
 """
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the code paths")
-    parser.add_argument("--redis", default=os.environ.get("PIPEQ_BROKER_URL", "redis://127.0.0.1:6399/0"))
-    parser.add_argument("--procs-per-gpu", type=int, default=4, help="for the BERT one-text-per-job run")
-    args = parser.parse_args()
-    scale = SMOKE if args.smoke else FULL
-    out = Path(os.environ.get("OUT", "bench/results")) / "gpu.json"
-    work = Path(tempfile.mkdtemp(prefix="pipeq-gpu-"))
-    device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    records: list[Record] = []
-    meta: dict[str, Any] = {"versions": versions(), "device": device_name, "cpus": os.cpu_count()}
-
-    def record(name: str, items_per_s: float, batch: int | None = None, lat: tuple[float, float] | None = None, **extra: Any) -> None:
-        r = Record(name, items_per_s, batch, lat[0] if lat else None, lat[1] if lat else None, device=device_name, extra=extra)
-        records.append(r)
-        print(json.dumps(r.__dict__), flush=True)
-
-    images = make_jpegs(work / "images", scale.images)
-    vit = build_vit(work / "vit", scale.vit)
-    bert, words = build_bert(work / "bert", scale.bert)
-    texts = make_texts(scale.texts, words)
-
+def run_baselines(scale: Scale, paths: dict[str, Path], images: list[Path], texts: list[str], broker: str, record: Any, meta: dict[str, Any], naive: bool) -> None:
+    """Ceilings, in-process pipeline(), GPU-preprocessing parity and the naive Celery task."""
+    vit, bert, work = paths["vit"], paths["bert"], paths["work"]
     rate, batch = vit_ceiling(vit, scale)
     record("vit raw forward, GPU tensors (ceiling)", rate, batch)
     rate, batch = pipeline_best("image-classification", vit, [str(p) for p in images[:512]], scale, (64, 128))
@@ -356,9 +351,8 @@ def main() -> None:
         meta["gpu_preprocess_parity"] = gpu_parity(vit, images, scale)
         print("parity", meta["gpu_preprocess_parity"], flush=True)
         torch.cuda.empty_cache()
-
-    broker = args.redis
-    redis.Redis.from_url(broker).flushdb()
+    if not naive:
+        return
     naive_db = broker.rsplit("/", 1)[0] + "/1"
     redis.Redis.from_url(naive_db).flushdb()
     for task, path, items, label in (
@@ -376,54 +370,106 @@ def main() -> None:
         finally:
             stop_process(naive)
 
+
+def run_single_process(args: Any, client: Client, control: Celery, env: dict[str, str], work: Path, refs: list[Any], one_per_job: list[Any], texts: list[str], record: Any, gpus: str, host: str) -> None:
+    """pipeq with one worker process: ViT 64 and 1 per job, latency at 10% and 80% of peak, BERT."""
+    worker = start_pipeq_worker(env, work / "pipeq.log", "--gpus", gpus, "--concurrency", "256", "--name", "bench@%h")
+    hostname = f"bench@{host}"
+    try:
+        client.wait(client.submit("vit", refs[:64]), 120)  # warm the larger batch shapes
+        spy = profiled(worker.pid, "vit64", args.profile)
+        with Sampler([worker.pid]) as sampler:
+            rate, lat, jobs = prefilled_run(client, control, [hostname], "vit", refs, 64, {})
+        record("vit pipeq end to end, 64 images per job", rate, 64, percentiles(lat), jobs=jobs, **sampler.extra())
+        if spy:
+            spy.wait()
+        with Sampler([worker.pid]) as sampler:
+            rate, lat, jobs = prefilled_run(client, control, [hostname], "vit", one_per_job, 1, {})
+        vit_peak = rate
+        record("vit pipeq end to end, 1 image per job, 1 process", rate, 1, percentiles(lat), jobs=jobs, **sampler.extra())
+        for share in (0.1, 0.8):
+            jobs_n = max(20, int(vit_peak * share * 4))
+            lat2 = paced_latency(client, "vit", refs[:jobs_n], vit_peak * share, {})
+            record(f"vit pipeq latency at {int(share * 100)}% of 1-per-job peak ({vit_peak * share:.0f} jobs/s)", vit_peak * share, 1, lat2)
+        spy = profiled(worker.pid, "bert1", args.profile)
+        with Sampler([worker.pid]) as sampler:
+            rate, lat, jobs = prefilled_run(client, control, [hostname], "bert", texts, 1, {})
+        record("bert pipeq end to end, 1 text per job, 1 process", rate, 1, percentiles(lat), jobs=jobs, **sampler.extra())
+        if spy:
+            spy.wait()
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+        (OUT_DIR / "worker-metrics.txt").write_text(metrics)
+    finally:
+        stop_process(worker)
+
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the code paths")
+    parser.add_argument("--redis", default=os.environ.get("PIPEQ_BROKER_URL", "redis://127.0.0.1:6399/0"))
+    parser.add_argument("--procs-per-gpu", type=int, default=8, help="for the one-input-per-job runs")
+    parser.add_argument("--pipeq-only", action="store_true", help="skip the baselines (profiling runs)")
+    parser.add_argument("--profile", action="store_true", help="py-spy the worker; dumps land in $OUT")
+    parser.add_argument("--procs-only", action="store_true", help="ceilings, in-process, then only the N-process worker")
+    args = parser.parse_args()
+    scale = SMOKE if args.smoke else FULL
+    out = OUT_DIR / "gpu.json"
+    work = Path(tempfile.mkdtemp(prefix="pipeq-gpu-"))
+    device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    records: list[Record] = []
+    began = time.perf_counter()
+    meta: dict[str, Any] = {"versions": versions(), "device": device_name, "cpus": os.cpu_count()}
+
+    def record(name: str, items_per_s: float, batch: int | None = None, lat: tuple[float, float] | None = None, **extra: Any) -> None:
+        r = Record(name, items_per_s, batch, lat[0] if lat else None, lat[1] if lat else None, device=device_name, extra=extra)
+        records.append(r)
+        print(f"[{time.perf_counter() - began:6.1f} s]", json.dumps(r.__dict__), flush=True)
+        write_results(out, records, meta)  # a run cut short still leaves what it measured
+
+    images = make_jpegs(work / "images", scale.images)
+    vit = build_vit(work / "vit", scale.vit)
+    bert, words = build_bert(work / "bert", scale.bert)
+    texts = make_texts(scale.texts, words)
+    broker = args.redis
+    redis.Redis.from_url(broker).flushdb()
+    if not args.pipeq_only:
+        run_baselines(scale, {"vit": vit, "bert": bert, "work": work}, images, texts, broker, record, meta, naive=not args.procs_only)
+
     (work / "models.yaml").write_text(registry_yaml(vit, bert, scale))
     env = {
         "PIPEQ_BROKER_URL": broker,
         "PIPEQ_MODELS": str(work / "models.yaml"),
         "PIPEQ_MEDIA_ROOTS": str(work / "images"),
-        "PIPEQ_METRICS_PORT": "0",
+        "PIPEQ_METRICS_PORT": str(METRICS_PORT),
         "PIPEQ_LOG_LEVEL": "WARNING",
     }
     settings = Settings(broker_url=broker, models=work / "models.yaml")
     client = Client(settings)
     control = make_celery(settings)
     refs = [{"path": str(p)} for p in images]
+    one_per_job = refs[: scale.images // 4]
     gpus = "auto" if scale.device == "cuda" else "cpu"
+    host = os.uname().nodename
 
-    worker = start_pipeq_worker(env, work / "pipeq.log", "--gpus", gpus, "--concurrency", "256", "--name", "bench@%h")
-    hostname = f"bench@{os.uname().nodename}"
-    try:
-        client.wait(client.submit("vit", refs[:64]), 120)  # warm the larger batch shapes
-        with Sampler([worker.pid]) as sampler:
-            rate, lat, jobs = prefilled_run(client, control, [hostname], "vit", refs, 64, {})
-        record("vit pipeq end to end, 64 images per job", rate, 64, percentiles(lat), jobs=jobs, **sampler.extra())
-        with Sampler([worker.pid]) as sampler:
-            rate, lat, jobs = prefilled_run(client, control, [hostname], "vit", refs[: scale.images // 2], 1, {})
-        vit_peak = rate
-        record("vit pipeq end to end, 1 image per job", rate, 1, percentiles(lat), jobs=jobs, **sampler.extra())
-        for share in (0.1, 0.8):
-            jobs_n = max(20, int(vit_peak * share * 4))
-            lat2 = paced_latency(client, "vit", refs[:jobs_n], vit_peak * share, {})
-            record(f"vit pipeq latency at {int(share * 100)}% of 1-per-job peak ({vit_peak * share:.0f} jobs/s)", vit_peak * share, 1, lat2)
-        with Sampler([worker.pid]) as sampler:
-            rate, lat, jobs = prefilled_run(client, control, [hostname], "bert", texts, 1, {})
-        record("bert pipeq end to end, 1 text per job, 1 process", rate, 1, percentiles(lat), jobs=jobs, **sampler.extra())
-    finally:
-        stop_process(worker)
+    if not args.procs_only:
+        run_single_process(args, client, control, env, work, refs, one_per_job, texts, record, gpus, host)
 
-    if args.procs_per_gpu > 1:
-        name = "benchp-{proc}@%h" if scale.device == "cuda" else "benchp@%h"
-        extra_args = ["--procs-per-gpu", str(args.procs_per_gpu)] if scale.device == "cuda" else []
-        host = os.uname().nodename
-        names = [f"benchp-{i}@{host}" for i in range(args.procs_per_gpu)] if scale.device == "cuda" else [f"benchp@{host}"]
+    if args.procs_per_gpu > 1 and scale.device == "cuda":
+        names = [f"benchp-{i}@{host}" for i in range(args.procs_per_gpu)]
         group = start_pipeq_worker(
-            env, work / "pipeq-procs.log", "--gpus", gpus, "--models", "bert", "--concurrency", "128",
-            "--name", name, *extra_args, ready_count=len(names),
+            {**env, "PIPEQ_METRICS_PORT": "0"}, work / "pipeq-procs.log", "--gpus", gpus,
+            "--concurrency", "128", "--procs-per-gpu", str(args.procs_per_gpu), "--name", "benchp-{proc}@%h",
+            ready_count=len(names),
         )
         try:
-            with Sampler([group.pid]) as sampler:
-                rate, lat, jobs = prefilled_run(client, control, names, "bert", texts, 1, {})
-            record(f"bert pipeq end to end, 1 text per job, {args.procs_per_gpu} processes per GPU", rate, 1, percentiles(lat), jobs=jobs, **sampler.extra())
+            client.wait(client.submit("vit", refs[:64]), 120)
+            runs = (("vit", refs, 64, "64 images"), ("vit", one_per_job, 1, "1 image"), ("bert", texts, 1, "1 text"))
+            for model, items, per_job, label in runs:
+                with Sampler([group.pid]) as sampler:
+                    rate, lat, jobs = prefilled_run(client, control, names, model, items, per_job, {})
+                name = f"{model} pipeq end to end, {label} per job, {args.procs_per_gpu} processes per GPU"
+                record(name, rate, per_job, percentiles(lat), jobs=jobs, **sampler.extra())
         finally:
             stop_process(group)
 
