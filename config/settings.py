@@ -17,7 +17,7 @@ def _split_commas(value: object) -> object:
 
 
 class Settings(BaseSettings):
-    """Everything pipeq reads from its environment. Unknown `PIPEQ_*` names are refused."""
+    """Everything pipeq reads from its environment, validated once at start-up."""
 
     model_config = SettingsConfigDict(env_prefix="PIPEQ_", extra="forbid", frozen=True)
 

@@ -50,7 +50,8 @@ def load_models(specs: list[ModelSpec]) -> dict[str, ServedModel]:
             max_wait_ms=spec.max_wait_ms,
             hooks=BatchMetrics(spec.name),
         ).start()
-        # Two batches prepared ahead: one being formed while one runs.
+        # Four batches of inputs prepared ahead at most: enough to form the next batch while one
+        # runs, bounded so a job of 100,000 inputs cannot fill memory.
         served[spec.name] = ServedModel(staged, batcher, threading.Semaphore(4 * spec.max_batch_size))
     return served
 
