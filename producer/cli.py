@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from config.errors import PipeqError
 from config.settings import Settings
 
@@ -264,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except PipeqError as exc:
         print(f"pipeq: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        print(f"pipeq: invalid settings (PIPEQ_* environment): {exc}", file=sys.stderr)
         return 2
 
 
