@@ -6,7 +6,8 @@
     │   ├── UnknownModel          the job names a model the registry does not hold
     │   ├── JobNotFound           no job with this id (never existed, or its TTL ran out)
     │   ├── JobConflict           the id exists with another body, or the job cannot change state
-    │   └── PayloadTooLarge       inline data over PIPEQ_MAX_MEDIA_BYTES
+    │   ├── PayloadTooLarge       inline data over PIPEQ_MAX_MEDIA_BYTES
+    │   └── Overloaded            the model's lane is over PIPEQ_MAX_BACKLOG or too slow for the deadline
     ├── InputError                one input failed; the job's other inputs go on
     │   ├── MediaError            a media reference could not be read
     │   │   ├── MediaNotFound     missing file, 404, no such S3 key
@@ -70,6 +71,16 @@ class JobConflict(JobError):
 
 class PayloadTooLarge(JobError):
     """Inline data larger than PIPEQ_MAX_MEDIA_BYTES."""
+
+
+class Overloaded(JobError):
+    """The model's lane holds too much work to take this job now; retry after `retry_after_s`."""
+
+    retryable = True
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class InputError(PipeqError):

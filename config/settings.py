@@ -34,11 +34,26 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(default=Path(".pipeq"), description="Embedded broker and results.")
     result_ttl_s: int = Field(default=86_400, gt=0)
-    visibility_timeout_s: int = Field(
-        default=300,
+    lease_s: float = Field(
+        default=30.0,
         gt=0,
-        validation_alias=AliasChoices("PIPEQ_VISIBILITY_TIMEOUT", "PIPEQ_VISIBILITY_TIMEOUT_S"),
-        description="Seconds before Redis hands a dead worker's unacked jobs to another worker.",
+        validation_alias=AliasChoices(
+            "PIPEQ_LEASE_S", "PIPEQ_VISIBILITY_TIMEOUT", "PIPEQ_VISIBILITY_TIMEOUT_S"
+        ),
+        description="Seconds before Redis hands a dead worker's unacked jobs to another worker "
+        "(kombu's visibility timeout); a live worker renews its jobs' lease every lease_s / 3, "
+        "so they never return however long they run. PIPEQ_VISIBILITY_TIMEOUT is the old name.",
+    )
+    interactive_deadline_s: float | None = Field(
+        default=None, gt=0, description="deadline_s of interactive jobs that give none."
+    )
+    bulk_deadline_s: float | None = Field(
+        default=None, gt=0, description="deadline_s of bulk jobs that give none."
+    )
+    max_backlog: int | None = Field(
+        default=None,
+        gt=0,
+        description="Queued inputs per model and lane above which POST /v1/jobs answers 429.",
     )
     unacked_restore_interval_s: float = Field(
         default=10.0,
@@ -94,6 +109,13 @@ class Settings(BaseSettings):
     def _resolve_roots(cls, roots: list[Path]) -> list[Path]:
         # Symlinks and `..` are resolved once here, so the per-path check is a prefix test.
         return [root.expanduser().resolve() for root in roots]
+
+    @property
+    def visibility_timeout_s(self) -> float:
+        return self.lease_s
+
+    def default_deadline_s(self, lane: str) -> float | None:
+        return self.interactive_deadline_s if lane == "interactive" else self.bulk_deadline_s
 
     @cached_property
     def embedded(self) -> bool:
