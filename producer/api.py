@@ -16,7 +16,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from config.errors import JobConflict, JobNotFound, PayloadTooLarge, StoreError, UnknownModel
+from config.errors import (
+    JobConflict,
+    JobNotFound,
+    Overloaded,
+    PayloadTooLarge,
+    StoreError,
+    UnknownModel,
+)
 from producer.client import Client
 from producer.jobs import JobAccepted, JobDocument, JobRequest
 from producer.queue_depth import register_queue_depth
@@ -30,6 +37,7 @@ _ERRORS = {
     409: {"description": "Id reused with another body, or job past cancelling"},
     413: {"description": "Inline data over PIPEQ_MAX_MEDIA_BYTES"},
     422: {"description": "Malformed request"},
+    429: {"description": "The model's lane is over PIPEQ_MAX_BACKLOG or slower than deadline_s; see Retry-After"},
     503: {"description": "Broker or result store unavailable"},
 }
 
@@ -93,6 +101,8 @@ def create_app(client: Client | None = None) -> FastAPI:
             raise HTTPException(409, str(exc)) from exc
         except PayloadTooLarge as exc:
             raise HTTPException(413, str(exc)) from exc
+        except Overloaded as exc:
+            raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
         accepted = JobAccepted(id=doc.id, status=doc.status)
         return accepted if created else JSONResponse(accepted.model_dump(), status_code=200)
 

@@ -13,6 +13,7 @@ from config.errors import JobConflict, JobNotFound, PayloadTooLarge, UnknownMode
 from config.registry import Registry, load_registry
 from config.settings import Settings
 from producer.jobs import Input, JobDocument, JobMessage, JobRequest, Lane, Webhook
+from producer.ledger import admit, open_ledger
 from producer.records import JobRecords, open_records
 from producer.webhooks import publish_for
 from worker.stores import ResultStores
@@ -35,6 +36,7 @@ class Client:
             self.settings.effective_result_url, self.settings.result_ttl_s
         )
         self.results = ResultStores(self.settings, self.records)
+        self.ledger = open_ledger(self.settings)
 
     def submit(
         self,
@@ -80,10 +82,12 @@ class Client:
         link: Signature | None = None,
         link_error: Signature | None = None,
     ) -> list[tuple[JobDocument, bool]]:
-        """Queue many jobs with one round trip for their records and one pipelined publish."""
+        """Queue many jobs with one round trip for their records and one pipelined publish.
+        Raises Overloaded (nothing queued) when a model's lane cannot take them now."""
         for request in requests:
             self._admit(request)
-        messages = [request.to_message() for request in requests]
+        messages = [self._message(request) for request in requests]
+        self._admit_load(messages)
         queued = [
             JobDocument(
                 id=m.id, model=m.model, status="queued", lane=m.lane,
@@ -104,7 +108,7 @@ class Client:
                 if found[1] != fingerprint:
                     conflicts.append(message.id)
                 results.append((found[0], False))
-        self.publish(fresh, link=link, link_error=link_error)
+        self._publish_counted(fresh, link=link, link_error=link_error)
         if conflicts:
             raise JobConflict(f"job(s) {', '.join(conflicts)} exist with a different body")
         return results
@@ -119,6 +123,46 @@ class Client:
                 f"inline data of {request.inline_bytes()} bytes is over PIPEQ_MAX_MEDIA_BYTES "
                 f"({self.settings.max_media_bytes}); send a url or s3 reference instead"
             )
+
+    def _message(self, request: JobRequest) -> JobMessage:
+        message = request.to_message()
+        if message.deadline_s is None:
+            default = self.settings.default_deadline_s(message.lane)
+            message = message.model_copy(update={"deadline_s": default})
+        return message
+
+    def _admit_load(self, messages: list[JobMessage]) -> None:
+        if self.ledger is None:
+            return
+        if self.settings.max_backlog is None and all(m.deadline_s is None for m in messages):
+            return
+        admit(
+            self.ledger,
+            self.settings,
+            [(m.model, m.lane, len(m.inputs), m.deadline_s) for m in messages],
+        )
+
+    def _publish_counted(
+        self,
+        messages: list[JobMessage],
+        *,
+        link: Signature | None = None,
+        link_error: Signature | None = None,
+    ) -> None:
+        """`publish`, with the inputs counted into the ledger's backlog first (a worker may
+        claim a job before this call returns) and taken back if the publish fails."""
+        counts: dict[tuple[str, str], int] = {}
+        for message in messages:
+            key = (message.model, message.lane)
+            counts[key] = counts.get(key, 0) + len(message.inputs)
+        if self.ledger is not None and counts:
+            self.ledger.add(counts)
+        try:
+            self.publish(messages, link=link, link_error=link_error)
+        except Exception:
+            if self.ledger is not None and counts:
+                self.ledger.add(counts, sign=-1)
+            raise
 
     def publish(
         self,
