@@ -6,8 +6,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from config.errors import ConfigError
 
 
 def _split_commas(value: object) -> object:
@@ -27,7 +29,7 @@ class Settings(BaseSettings):
     result_url: str | None = Field(
         default=None,
         description="Job records: redis://... or sqlite:///path; unset = the broker's Redis, "
-        "else sqlite in data_dir.",
+        "else sqlite in data_dir (embedded broker); required with an amqp:// broker.",
     )
     models: Path = Field(
         default=Path(__file__).with_name("models.yaml"), description="Path to models.yaml."
@@ -116,6 +118,19 @@ class Settings(BaseSettings):
 
     def default_deadline_s(self, lane: str) -> float | None:
         return self.interactive_deadline_s if lane == "interactive" else self.bulk_deadline_s
+
+    @model_validator(mode="after")
+    def _amqp_needs_result_url(self) -> Settings:
+        # Not a ValueError, so pydantic lets it through as is and `pipeq` prints it plainly. An
+        # sqlite file per host would split job records between the API and each worker.
+        if not self.result_url and (self.broker_url or "").split("://", 1)[0] in (
+            "amqp", "amqps", "pyamqp"
+        ):
+            raise ConfigError(
+                "PIPEQ_BROKER_URL is RabbitMQ (amqp://): set PIPEQ_RESULT_URL too (job records "
+                "live in Redis, e.g. redis://host:6379/0); RabbitMQ holds only the queues"
+            )
+        return self
 
     @cached_property
     def embedded(self) -> bool:
