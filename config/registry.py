@@ -47,6 +47,12 @@ class ModelSpec(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, description="Default call params.")
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     max_wait_ms: float = Field(default=5.0, ge=0)
+    cache_ttl_s: int | None = Field(
+        default=None,
+        gt=0,
+        description="Serve a repeated input (same content and params) from a result cache kept "
+        "this long; off when unset.",
+    )
     gpu_preprocess: bool = Field(
         default=False,
         description="Decode and preprocess images on the GPU: faster, answers within a small "

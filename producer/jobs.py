@@ -175,6 +175,9 @@ class JobDocument(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     worker: str | None = None
     webhook: Webhook | None = None
+    cached: bool | None = Field(
+        default=None, description="True when every output came from the model's result cache."
+    )
 
     @property
     def done(self) -> bool:

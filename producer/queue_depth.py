@@ -22,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from config.celery import LANES, queue_name
+from producer.ledger import QueueLedger
 from producer.records import JobRecords
 
 if TYPE_CHECKING:
@@ -73,9 +74,11 @@ class QueueDepthCollector(Collector):
         transport_options: Mapping[str, Any],
         models: Iterable[str],
         records: JobRecords,
+        ledger: QueueLedger | None = None,
     ) -> None:
         self._broker = broker
         self._records = records
+        self._ledger = ledger
         self._oldest_tail = broker.register_script(_OLDEST_TAIL)
         self._lanes = {
             (model, lane): priority_keys(queue_name(model, lane), transport_options)
@@ -94,8 +97,14 @@ class QueueDepthCollector(Collector):
             "Seconds since the oldest waiting job was submitted, by model and lane",
             labels=["model", "lane"],
         )
+        stranded = GaugeMetricFamily(
+            "pipeq_backlog_without_capacity",
+            "Jobs waiting on a lane that no live worker consumes (pipeq_queue_depth where no "
+            "worker heartbeat arrived within PIPEQ_LEASE_S; else 0), by model and lane",
+            labels=["model", "lane"],
+        )
         try:
-            self._read(depth, age)
+            self._read(depth, age, stranded)
         except redis.RedisError as exc:
             # The request counters stay scrapeable while the broker is down; the queue series
             # go absent, which `absent()` alerts can catch.
@@ -103,8 +112,12 @@ class QueueDepthCollector(Collector):
             return
         yield depth
         yield age
+        if self._ledger is not None:
+            yield stranded
 
-    def _read(self, depth: GaugeMetricFamily, age: GaugeMetricFamily) -> None:
+    def _read(
+        self, depth: GaugeMetricFamily, age: GaugeMetricFamily, stranded: GaugeMetricFamily
+    ) -> None:
         with self._broker.pipeline(transaction=False) as pipe:
             for keys in self._lanes.values():
                 for key in keys:
@@ -112,8 +125,11 @@ class QueueDepthCollector(Collector):
             lengths = iter(pipe.execute())
         waiting = {lane: [(k, next(lengths)) for k in keys] for lane, keys in self._lanes.items()}
         now = time.time()
+        live = self._ledger.consumers(waiting) if self._ledger is not None else {}
         for (model, lane), per_key in waiting.items():
-            depth.add_metric([model, lane], sum(length for _, length in per_key))
+            jobs = sum(length for _, length in per_key)
+            depth.add_metric([model, lane], jobs)
+            stranded.add_metric([model, lane], 0 if live.get((model, lane)) else jobs)
             ages = [self._age_s(key, now) for key, length in per_key if length]
             known = [a for a in ages if a is not None]
             if known:
@@ -136,4 +152,8 @@ def register_queue_depth(metrics: CollectorRegistry, client: Client) -> None:
     # A short timeout: a scrape must answer before Prometheus gives up on it (10 s by default).
     broker = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
     options = client.celery.conf.broker_transport_options
-    metrics.register(QueueDepthCollector(broker, options, client.registry.models, client.records))
+    metrics.register(
+        QueueDepthCollector(
+            broker, options, client.registry.models, client.records, client.ledger
+        )
+    )

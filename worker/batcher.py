@@ -9,6 +9,9 @@ the batch is the anchor's group (same call params, same input keys) filled with 
 first, then those closest to the anchor in length, so texts of similar length share padding.
 The oldest item is always in the next batch of its group, so nothing starves.
 
+Deadlines: an item whose `expires_at` (wall clock) has passed when its batch is taken is dropped
+before the forward and its future fails with `Expired`.
+
 Failures: an out-of-memory batch is split in halves and retried, and the model's batch limit is
 lowered for `oom_cooldown_s`; any other exception is bisected down to the one item that raises,
 which fails alone.
@@ -26,7 +29,7 @@ from typing import Any, Protocol
 
 import torch
 
-from config.errors import ModelError
+from config.errors import Expired, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class WorkItem:
     call: Any
     length: int = 0
     lane_rank: int = 0
+    expires_at: float | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
     future: Future[Any] = field(default_factory=Future)
 
@@ -52,6 +56,8 @@ class BatchHooks(Protocol):
     def on_batch(self, size: int, forward_s: float, waited_s: list[float]) -> None: ...
 
     def on_oom(self, size: int) -> None: ...
+
+    def on_expired(self, count: int) -> None: ...
 
 
 ForwardFn = Callable[[list[Any], Any], list[Any]]
@@ -145,7 +151,20 @@ class Batcher:
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
-            self.run_batch(batch)
+            batch = self._drop_expired(batch)
+            if batch:
+                self.run_batch(batch)
+
+    def _drop_expired(self, batch: list[WorkItem]) -> list[WorkItem]:
+        now = time.time()
+        live = [item for item in batch if item.expires_at is None or item.expires_at > now]
+        if len(live) < len(batch):
+            if self._hooks:
+                self._hooks.on_expired(len(batch) - len(live))
+            for item in batch:
+                if item.expires_at is not None and item.expires_at <= now:
+                    item.future.set_exception(Expired("deadline passed before its forward pass"))
+        return live
 
     def run_batch(self, batch: list[WorkItem]) -> None:
         """Forward `batch`, resolving every item's future with its output or its error."""

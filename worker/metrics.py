@@ -23,6 +23,15 @@ QUEUE_WAIT = Histogram(
 BATCH_WAIT = Histogram(
     "pipeq_batch_wait_seconds", "From an item being prepared to its forward pass", ["model"], buckets=SECONDS
 )
+EXPIRED = Counter(
+    "pipeq_inputs_expired",
+    "Inputs dropped unstarted past their job's deadline, by model and where: queue (the whole job, "
+    "when the worker took it), prefetch (before fetching), batcher (before a forward)",
+    ["model", "where"],
+)
+CACHE = Counter(
+    "pipeq_cache", "Result cache lookups by model and outcome (hit, miss)", ["model", "outcome"]
+)
 OOM_SPLITS = Counter("pipeq_oom_splits", "Batches split after running out of GPU memory", ["model"])
 LOAD_SECONDS = Gauge("pipeq_pipeline_load_seconds", "Time to load and warm a model", ["model"])
 GPU_MEMORY = Gauge("pipeq_gpu_memory_bytes", "GPU memory allocated by this worker (current, peak)", ["kind"])
@@ -37,11 +46,19 @@ class BatchMetrics:
         self._forward = STAGE_SECONDS.labels(model, "forward")
         self._wait = BATCH_WAIT.labels(model)
         self._oom = OOM_SPLITS.labels(model)
+        self._expired = EXPIRED.labels(model, "batcher")
+        self.items_per_s: float | None = None
 
     def on_batch(self, size: int, forward_s: float, waited_s: list[float]) -> None:
         self._size.observe(size)
         self._items.inc(size)
         self._forward.observe(forward_s)
+        if forward_s > 0:
+            # Capacity, not throughput: items per second of forward time, so an idle worker
+            # still reports what it could take (admission control divides the backlog by it).
+            rate = size / forward_s
+            old = self.items_per_s
+            self.items_per_s = rate if old is None else 0.8 * old + 0.2 * rate
         for waited in waited_s:
             self._wait.observe(waited)
         if torch.cuda.is_available():
@@ -50,6 +67,9 @@ class BatchMetrics:
 
     def on_oom(self, size: int) -> None:
         self._oom.inc()
+
+    def on_expired(self, count: int) -> None:
+        self._expired.inc(count)
 
 
 def serve_metrics(port: int) -> None:

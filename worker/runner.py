@@ -20,11 +20,13 @@ from pydantic import ValidationError
 from config.errors import ErrorInfo, Expired, InputError, ModelError, PipeqError
 from config.settings import Settings
 from producer.jobs import Input, JobDocument, JobMessage
+from producer.ledger import QueueLedger
 from producer.records import JobRecords
 from worker.batcher import LANE_RANK, Batcher, WorkItem
 from worker.media import MediaLoader
-from worker.metrics import INPUTS, JOBS, QUEUE_WAIT, STAGE_SECONDS
+from worker.metrics import CACHE, EXPIRED, INPUTS, JOBS, QUEUE_WAIT, STAGE_SECONDS, BatchMetrics
 from worker.pipelines import CallParams, StagedPipeline
+from worker.result_cache import MISS, ResultCache, cache_key
 from worker.stores import ResultStores
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,16 @@ class ServedModel:
     staged: StagedPipeline
     batcher: Batcher
     permits: threading.Semaphore
+    hooks: BatchMetrics | None = None
+
+
+@dataclass
+class _Prepared:
+    """One input handed to the batcher (its parts' futures), or served from the cache."""
+
+    futures: list[Future[Any]]
+    cache_key: str | None = None
+    cached: Any = MISS
 
 
 class JobRunner:
@@ -47,8 +59,12 @@ class JobRunner:
         models: dict[str, ServedModel],
         media: MediaLoader,
         prefetch_threads: int,
+        ledger: QueueLedger | None = None,
+        cache: ResultCache | None = None,
     ) -> None:
         self.settings = settings
+        self.ledger = ledger
+        self.cache = cache
         self.records = records
         self.results = ResultStores(settings, records)
         self.models = models
@@ -71,7 +87,7 @@ class JobRunner:
         if claimed is None:
             return None
         QUEUE_WAIT.labels(job.model, job.lane).observe(max(0.0, started - job.submitted_at))
-        outputs, errors = self._execute(job)
+        outputs, errors, cached = self._execute(job)
         finished = time.time()
         failed_all = all(error is not None for error in errors)
         doc = claimed.model_copy(
@@ -79,6 +95,7 @@ class JobRunner:
                 "status": _final_status(errors) if failed_all else "succeeded",
                 "outputs": outputs,
                 "errors": errors,
+                "cached": True if cached and cached == len(outputs) else None,
                 "timings": {
                     **claimed.timings,
                     "started_at": started,
@@ -105,7 +122,13 @@ class JobRunner:
             timings={"submitted_at": job.submitted_at, "started_at": started},
             webhook=job.webhook,
         )
-        changed, current = self.records.transition(running, ("queued", "running"))
+        changed, current = self.records.transition(running, ("queued",))
+        if changed or (current is not None and current.status == "cancelled"):
+            # It leaves the backlog once: claimed from queued, or dropped cancelled.
+            if self.ledger is not None:
+                self.ledger.take(job.model, job.lane, len(job.inputs))
+        if not changed and current is not None and current.status == "running":
+            changed, current = self.records.transition(running, ("running",))
         if changed:
             return running
         if current is None:
@@ -115,31 +138,45 @@ class JobRunner:
         log.info("job %s is %s; not running it", job.id, current.status)
         return None
 
-    def _execute(self, job: JobMessage) -> tuple[list[Any], list[ErrorInfo | None]]:
+    def _execute(self, job: JobMessage) -> tuple[list[Any], list[ErrorInfo | None], int]:
+        """Outputs and errors per input, and how many outputs came from the cache."""
         count = len(job.inputs)
         served = self.models.get(job.model)
         if served is None:
-            return _fail_all(count, ModelError(f"this worker does not serve {job.model!r}"))
-        if job.deadline_s is not None and time.time() > job.submitted_at + job.deadline_s:
-            return _fail_all(count, Expired(f"not started within deadline_s={job.deadline_s}"))
+            return *_fail_all(count, ModelError(f"this worker does not serve {job.model!r}")), 0
+        expires_at = None if job.deadline_s is None else job.submitted_at + job.deadline_s
+        if expires_at is not None and time.time() > expires_at:
+            EXPIRED.labels(job.model, "queue").inc(count)
+            return *_fail_all(count, Expired(f"not started within deadline_s={job.deadline_s}")), 0
         try:
             call = served.staged.call_params(job.params)
         except Exception as exc:  # noqa: BLE001 - the pipeline's own complaint about the params
-            return _fail_all(count, ModelError(f"invalid params {job.params}: {exc}"))
+            return *_fail_all(count, ModelError(f"invalid params {job.params}: {exc}")), 0
         rank = LANE_RANK[job.lane]
         prepared = []
         for item in job.inputs:
             served.permits.acquire()
-            prepared.append(self._prefetch.submit(self._prepare, served, item, call, rank))
+            prepared.append(
+                self._prefetch.submit(self._prepare, served, item, call, rank, expires_at)
+            )
         outputs: list[Any] = []
         errors: list[ErrorInfo | None] = []
+        cached = 0
         for future in prepared:
             try:
-                model_outputs = [f.result() for f in future.result()]
+                ready = future.result()
+                if ready.cached is not MISS:
+                    outputs.append(ready.cached)
+                    errors.append(None)
+                    cached += 1
+                    continue
+                model_outputs = [f.result() for f in ready.futures]
                 began = time.perf_counter()
-                outputs.append(served.staged.postprocess(model_outputs, call))
+                output = served.staged.postprocess(model_outputs, call)
+                outputs.append(output)
                 STAGE_SECONDS.labels(job.model, "postprocess").observe(time.perf_counter() - began)
                 errors.append(None)
+                self._remember(served, ready.cache_key, output)
             except PipeqError as exc:
                 outputs.append(None)
                 errors.append(exc.to_info())
@@ -147,18 +184,45 @@ class JobRunner:
                 log.exception("postprocess failed in job %s", job.id)
                 outputs.append(None)
                 errors.append(ModelError(f"{type(exc).__name__}: {exc}").to_info())
-        return outputs, errors
+        return outputs, errors, cached
+
+    def _remember(self, served: ServedModel, key: str | None, output: Any) -> None:
+        ttl_s = served.staged.spec.cache_ttl_s
+        if key is None or ttl_s is None or self.cache is None:
+            return
+        try:
+            self.cache.put(key, output, ttl_s)
+        except Exception as exc:  # noqa: BLE001 - a cache write never fails the input
+            log.warning("result cache write failed: %r", exc)
 
     def _prepare(
-        self, served: ServedModel, item: Input, call: CallParams, rank: int
-    ) -> list[Future[Any]]:
-        """Fetch, decode and preprocess one input, and hand its parts to the batcher."""
-        name = served.staged.spec.name
+        self,
+        served: ServedModel,
+        item: Input,
+        call: CallParams,
+        rank: int,
+        expires_at: float | None,
+    ) -> _Prepared:
+        """Fetch, decode and preprocess one input, and hand its parts to the batcher (or find
+        its output in the cache)."""
+        spec = served.staged.spec
+        name = spec.name
+        key = None
         try:
+            if expires_at is not None and time.time() > expires_at:
+                EXPIRED.labels(name, "prefetch").inc()
+                raise Expired("deadline passed before this input was fetched")
             began = time.perf_counter()
             loaded = served.staged.load(item, self.media)
             fetched = time.perf_counter()
             STAGE_SECONDS.labels(name, "fetch").observe(fetched - began)
+            if spec.cache_ttl_s is not None and self.cache is not None:
+                key = cache_key(spec, call.key, loaded)
+                hit = self.cache.get(key)
+                CACHE.labels(name, "miss" if hit is MISS else "hit").inc()
+                if hit is not MISS:
+                    served.permits.release()
+                    return _Prepared([], key, hit)
             try:
                 parts = served.staged.preprocess(loaded, call)
                 STAGE_SECONDS.labels(name, "preprocess").observe(time.perf_counter() - fetched)
@@ -178,12 +242,13 @@ class JobRunner:
                 call=call,
                 length=served.staged.part_length(part),
                 lane_rank=rank,
+                expires_at=expires_at,
             )
             for part in parts
         ]
         _release_when_done(items, served.permits)
         served.batcher.submit(items)
-        return [work.future for work in items]
+        return _Prepared([work.future for work in items], key)
 
 
 def _release_when_done(items: list[WorkItem], permits: threading.Semaphore) -> None:

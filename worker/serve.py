@@ -25,12 +25,15 @@ from redis.exceptions import RedisError
 from config.celery import LANES, RUN_TASK, make_celery, model_queues, queue_name
 from config.registry import ModelSpec, load_registry
 from config.settings import Settings
+from producer.ledger import QueueLedger, open_ledger
 from producer.records import open_records
 from worker.batcher import Batcher
 from worker.callbacks import finished_earlier, job_finished
+from worker.lease import LeaseRenewal
 from worker.media import MediaLoader
 from worker.metrics import LOAD_SECONDS, BatchMetrics, serve_metrics
 from worker.pipelines import load_staged
+from worker.result_cache import open_cache
 from worker.runner import JobRunner, ServedModel
 
 log = logging.getLogger(__name__)
@@ -43,22 +46,27 @@ def load_models(specs: list[ModelSpec]) -> dict[str, ServedModel]:
     for spec in specs:
         staged, load_s = load_staged(spec)
         LOAD_SECONDS.labels(spec.name).set(load_s)
+        hooks = BatchMetrics(spec.name)
         batcher = Batcher(
             spec.name,
             staged.forward,
             max_batch_size=spec.max_batch_size,
             max_wait_ms=spec.max_wait_ms,
-            hooks=BatchMetrics(spec.name),
+            hooks=hooks,
         ).start()
         # Four batches of inputs prepared ahead at most: enough to form the next batch while one
         # runs, bounded so a job of 100,000 inputs cannot fill memory.
-        served[spec.name] = ServedModel(staged, batcher, threading.Semaphore(4 * spec.max_batch_size))
+        served[spec.name] = ServedModel(
+            staged, batcher, threading.Semaphore(4 * spec.max_batch_size), hooks
+        )
     return served
 
 
 def create_worker_app(settings: Settings, runner: JobRunner, models: list[str]) -> Celery:
     app = make_celery(settings)
     app.conf.task_queues = model_queues(models)
+    if "visibility_timeout" in (app.conf.broker_transport_options or {}):
+        app.steps["consumer"].add(LeaseRenewal)
 
     # A store that is briefly unreachable must not cost the job: Celery re-queues it (same id,
     # results are idempotent) with backoff instead of acking a failure.
@@ -97,8 +105,12 @@ def serve(
         served,
         MediaLoader(settings),
         prefetch_threads=max(4, os.cpu_count() or 1),
+        ledger=open_ledger(settings),
+        cache=open_cache(settings.effective_result_url),
     )
     app = create_worker_app(settings, runner, names)
+    lanes = [(name, lane) for lane in LANES for name in names]
+    stop_beating = _beat(runner.ledger, hostname, lanes, served, settings.lease_s / 3)
 
     @worker_ready.connect(weak=False)
     def announce(sender: Any, **_: Any) -> None:
@@ -117,8 +129,50 @@ def serve(
     try:
         worker.start()
     finally:
+        stop_beating()
         for model in served.values():
             model.batcher.stop()
         runner.close()
         runner.media.close()
     return int(worker.exitcode or 0)
+
+
+def _beat(
+    ledger: QueueLedger | None,
+    hostname: str,
+    lanes: list[tuple[str, str]],
+    served: dict[str, ServedModel],
+    interval_s: float,
+) -> Any:
+    """Publish this worker's lanes and measured rates every `interval_s` (what admission control
+    and `pipeq_backlog_without_capacity` read); returns the function that stops it."""
+    stopped = threading.Event()
+    if ledger is None:
+        return stopped.set
+
+    def loop() -> None:
+        while True:
+            rates = {
+                name: m.hooks.items_per_s
+                for name, m in served.items()
+                if m.hooks is not None and m.hooks.items_per_s
+            }
+            try:
+                ledger.beat(hostname, lanes, rates)
+            except RedisError as exc:
+                log.warning("heartbeat not written: %r", exc)
+            if stopped.wait(interval_s):
+                break
+        try:
+            ledger.leave(hostname, lanes)
+        except RedisError:
+            pass
+
+    thread = threading.Thread(target=loop, name="ledger-beat", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        stopped.set()
+        thread.join(timeout=5)
+
+    return stop
