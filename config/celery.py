@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from celery import Celery
-from kombu import Queue
+from celery.app.amqp import AMQP
+from kombu import Exchange, Queue
+from kombu.common import Broadcast
 
 from config.settings import Settings
 
@@ -23,6 +28,39 @@ def model_queues(models: list[str]) -> list[Queue]:
     return [Queue(queue_name(m, lane)) for lane in LANES for m in models]
 
 
+def is_amqp(url: str | None) -> bool:
+    return bool(url) and url.split("://", 1)[0] in ("amqp", "amqps", "pyamqp")
+
+
+def quorum_queue(name: str) -> Queue:
+    """How every pipeq queue is declared on RabbitMQ: durable, replicated (quorum), bound to a
+    topic exchange of its own name. Celery's native delayed delivery (the ETA/countdown of
+    retries) needs a topic or fanout exchange: with a direct one the worker would hold delayed
+    messages unacked in memory, and quorum queues have no global QoS to make room for them."""
+    return Queue(
+        name,
+        Exchange(name, type="topic", durable=True),
+        routing_key=name,
+        durable=True,
+        queue_arguments={"x-queue-type": "quorum"},
+    )
+
+
+class QuorumAMQP(AMQP):
+    """app.amqp for RabbitMQ: each declared queue (a worker's task_queues, the webhooks queue)
+    becomes a `quorum_queue`, as do the queues a producer names (task_create_missing_queue_*),
+    so every process declares them alike; RabbitMQ refuses a redeclaration with other arguments."""
+
+    def Queues(self, queues: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N802 - Celery's name
+        if queues:
+            items = queues.values() if isinstance(queues, Mapping) else queues
+            queues = [
+                quorum_queue(q.name) if isinstance(q, Queue) and not isinstance(q, Broadcast) else q
+                for q in items
+            ]
+        return super().Queues(queues, *args, **kwargs)
+
+
 def _broker(settings: Settings) -> tuple[str, dict[str, object]]:
     if settings.broker_url is None:
         folder = (settings.data_dir / "broker").resolve()
@@ -34,6 +72,10 @@ def _broker(settings: Settings) -> tuple[str, dict[str, object]]:
             "control_folder": str(folder),
             "polling_interval": 0.05,
         }
+    if is_amqp(settings.broker_url):
+        # Publisher confirms: a publish returns (and the API answers 202) only once RabbitMQ has
+        # taken the message (a quorum queue: written on a majority of its replicas).
+        return settings.broker_url, {"confirm_publish": True}
     options: dict[str, object] = {
         "visibility_timeout": settings.visibility_timeout_s,
         "queue_order_strategy": "priority",
@@ -48,9 +90,21 @@ def _broker(settings: Settings) -> tuple[str, dict[str, object]]:
 
 def make_celery(settings: Settings) -> Celery:
     broker_url, transport_options = _broker(settings)
-    app = Celery("pipeq", broker=broker_url)
+    amqp = is_amqp(broker_url)
+    app = Celery("pipeq", broker=broker_url, amqp=QuorumAMQP if amqp else None)
     if broker_url.startswith(("redis://", "rediss://")):
         app.conf.broker_transport = "config.redis_transport:Transport"
+    if amqp:
+        # RabbitMQ has no queue_order_strategy: a worker consumes its interactive and bulk queues
+        # side by side (docs/scaling.md). Quorum queues have no global QoS; Celery sees them
+        # (worker_detect_quorum_queues) and sets a per-consumer prefetch instead.
+        app.conf.update(
+            task_create_missing_queue_type="quorum",
+            task_create_missing_queue_exchange_type="topic",
+            task_default_queue_type="quorum",
+            task_default_exchange_type="topic",
+            worker_detect_quorum_queues=True,
+        )
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
