@@ -164,7 +164,9 @@ def create_webhooks_app(settings: Settings, sender: WebhookSender, dead: DeadLet
         delay_s = backoff_s(self.request.retries, settings.webhook_backoff_first_s, cap_s)
         give_up_at = delivery.first_attempt_at + settings.webhook_retry_span_s
         if failure.retryable and time.time() + delay_s < give_up_at:
-            raise self.retry(countdown=delay_s)
+            # At least 1 s: on RabbitMQ (quorum queues), Celery's native delayed delivery
+            # refuses a countdown that rounds down to 0 s.
+            raise self.retry(countdown=max(1.0, delay_s))
         attempts = self.request.retries + 1
         letter = DeadLetter(
             delivery=delivery, error=failure.reason, attempts=attempts, failed_at=time.time()
