@@ -35,7 +35,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from config.errors import ErrorInfo, JobNotFound, UnknownModel
+from config.errors import ErrorInfo, JobNotFound, Overloaded, UnknownModel
 from producer.client import Client
 from producer.jobs import JobDocument, JobRequest
 from producer.manifest import (
@@ -143,7 +143,18 @@ class _Run:
                 self.collect(wait=True)
 
     def _submit_group(self, group: list[_Job]) -> None:
-        answers = self.client.submit_many([job.request for job in group])
+        while True:
+            try:
+                answers = self.client.submit_many([job.request for job in group])
+                break
+            except Overloaded as exc:
+                # Nothing of the group was queued: write out what finishes meanwhile, then retry.
+                retry_at = time.monotonic() + exc.retry_after_s
+                while time.monotonic() < retry_at:
+                    if self.stopping:
+                        return  # not published; --resume submits it
+                    self.collect(wait=False)
+                    time.sleep(min(0.5, max(0.0, retry_at - time.monotonic())))
         stale = []
         for job, (doc, created) in zip(group, answers, strict=True):
             if doc.id in self.in_flight:  # the same chunk twice in the manifest
