@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 from typing import Annotated
 
@@ -132,11 +131,13 @@ class Settings(BaseSettings):
             )
         return self
 
-    @cached_property
+    # Properties, not cached: a cached value would survive `model_copy(update=...)` and point a
+    # copy with another broker_url or result_url at the original's store.
+    @property
     def embedded(self) -> bool:
         return self.broker_url is None
 
-    @cached_property
+    @property
     def effective_result_url(self) -> str:
         if self.result_url:
             return self.result_url
