@@ -20,7 +20,6 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw
 from rich.console import Console
-from rich.table import Table
 
 from config.settings import Settings
 from producer.client import Client
@@ -113,13 +112,12 @@ def run_demo(settings: Settings) -> int:
     worker = start_worker(env)
     try:
         client = Client(demo_settings)
-        table = Table("model", "status", "seconds", "output")
         ids = [(model, client.submit(model, inputs, params)) for model, inputs, params in sample_jobs(media)]
         for model, job_id in ids:
             doc = client.wait(job_id, timeout_s=120)
             output = summarize(model, doc.outputs) if doc.status == "succeeded" else doc.errors
-            table.add_row(model, doc.status, f"{doc.timings.get('run_s', 0):.2f}", str(output))
-        console.print(table)
+            run_s = doc.timings.get("run_s", 0)
+            console.print(f"[bold]{model}[/bold] {doc.status} in {run_s:.2f} s: {output}", soft_wrap=True)
         return 0 if all(client.get(job_id).status == "succeeded" for _, job_id in ids) else 1
     finally:
         worker.send_signal(signal.SIGTERM)
