@@ -36,9 +36,13 @@ def renew(channel: Any, tags: list[str], now: float) -> int:
     """Re-stamp `tags` in the unacked index; returns how many entries were still there."""
     if not tags:
         return 0
-    renewed: int = channel.client.zadd(
-        channel.unacked_index_key, dict.fromkeys(tags, now), xx=True, ch=True
-    )
+    # Never `channel.client`: that is the consumer's BRPOP connection, and a command sent on it
+    # from this thread takes the BRPOP's reply (and kills the consumer). conn_or_acquire gives a
+    # pooled synchronous client.
+    with channel.conn_or_acquire() as client:
+        renewed: int = client.zadd(
+            channel.unacked_index_key, dict.fromkeys(tags, now), xx=True, ch=True
+        )
     return renewed
 
 
@@ -51,6 +55,11 @@ class LeaseRenewal(bootsteps.StartStopStep):
         super().__init__(parent, **kwargs)
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def include_if(self, parent: Any) -> bool:
+        # Only Redis has an unacked index to renew; RabbitMQ requeues a dead connection's
+        # messages itself, and the embedded filesystem broker has no leases.
+        return bool(parent.app.connection_for_write().transport.driver_type == "redis")
 
     def start(self, parent: Any) -> None:
         options = parent.app.conf.broker_transport_options or {}
