@@ -15,6 +15,7 @@ from kombu.exceptions import OperationalError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config.errors import (
     JobConflict,
@@ -69,9 +70,12 @@ def create_app(client: Client | None = None) -> FastAPI:
         requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
         return response
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI answers a body its JSON parser gives up on (nesting past the recursion limit)
+        # with a bare 400; the contract says a malformed request is a 422.
+        status = 422 if exc.status_code == 400 else exc.status_code
+        return JSONResponse({"error": exc.detail}, status_code=status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -24,6 +24,22 @@ Status = Literal["queued", "running", "succeeded", "failed", "expired", "cancell
 FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "expired", "cancelled"})
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
+MAX_PARAMS_DEPTH = 16
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value, iterative so a hostile one cannot exhaust the stack."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > MAX_PARAMS_DEPTH:
+            break
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            stack.extend((child, level + 1) for child in item)
+    return deepest
 
 
 class UrlRef(BaseModel):
@@ -115,6 +131,15 @@ class JobRequest(BaseModel):
     webhook: Webhook | None = None
     store: Literal["redis", "s3"] = "redis"
     deadline_s: float | None = Field(default=None, gt=0)
+
+    @field_validator("params")
+    @classmethod
+    def _shallow(cls, params: dict[str, Any]) -> dict[str, Any]:
+        # Pipeline call params are a few levels deep at most; a deeply nested body would only
+        # fail later, as a 500, when pydantic or json serialises it (depth limits of their own).
+        if _depth(params) > MAX_PARAMS_DEPTH:
+            raise ValueError(f"params nest deeper than {MAX_PARAMS_DEPTH} levels")
+        return params
 
     def inline_bytes(self) -> int:
         """Largest decoded inline payload among the inputs."""
