@@ -150,6 +150,14 @@ def cmd_flower(args: argparse.Namespace) -> int:
     return run_flower(Settings(), args.port)
 
 
+def cmd_gradio(args: argparse.Namespace) -> int:
+    from producer.client import Client
+    from producer.gradio_app import build_app
+
+    build_app(Client(), args.model).launch(server_name=args.host, server_port=args.port)
+    return 0
+
+
 def cmd_demo(_: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
@@ -256,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     flower = commands.add_parser("flower", help="Flower dashboard of pipeq's workers and jobs")
     flower.add_argument("--port", type=int, default=5555)
     flower.set_defaults(func=cmd_flower)
+
+    gradio = commands.add_parser("gradio", help="a Gradio page for one model, run on the queue")
+    gradio.add_argument("model")
+    gradio.add_argument("--host", default="127.0.0.1")
+    gradio.add_argument("--port", type=int, default=7860)
+    gradio.set_defaults(func=cmd_gradio)
     return parser
 
 

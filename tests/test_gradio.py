@@ -1,0 +1,147 @@
+"""`pipeq gradio`: the page served against the session worker, driven in headless Chromium.
+
+Chromium is Debian's (/usr/bin/chromium), driven by Playwright's Python package, as in
+tests/test_monitoring.py. DOCS_SCREENSHOT=1 also writes the screenshot to docs/gradio.png.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image, ImageDraw
+
+from config.settings import Settings
+from producer.client import Client
+from tests.parity import reference_pipeline
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+gradio_app = pytest.importorskip("producer.gradio_app")
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = "/usr/bin/chromium"
+# Without the background-networking flags Chromium keeps dialling Google on this closed network.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+DOCS_PNG = Path(__file__).resolve().parents[1] / "docs" / "gradio.png"
+RESULT_TIMEOUT_MS = 60_000
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} missing: apt-get install chromium (.ci/setup does)")
+    with playwright_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def serve(client: Client, session_worker: Any) -> Iterator[Callable[[str], str]]:
+    """Start `model`'s page in this process (gradio's own server thread); return its URL."""
+    apps: list[Any] = []
+
+    def start(model: str) -> str:
+        app = gradio_app.build_app(client, model)
+        apps.append(app)
+        port = _free_port()
+        app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for app in apps:
+        app.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1200, "height": 700})
+    yield context.new_page()
+    context.close()
+
+
+def _submit_and_read_labels(page: Any) -> tuple[str, list[tuple[str, int]]]:
+    """Submit, wait for the job to finish; the gr.Label's heading and (label, percent) rows."""
+    page.click("#submit")
+    page.wait_for_function(
+        "() => /succeeded|failed|expired/.test(document.querySelector('#status textarea').value)",
+        timeout=RESULT_TIMEOUT_MS,
+    )
+    status = page.input_value("#status textarea")
+    assert "succeeded" in status, status
+    heading = str(page.inner_text("#labels [data-testid='label-output-value']")).strip()
+    # inner_text reads "Labels", the heading, then one label line and one "34%" line per row.
+    rows = str(page.inner_text("#labels")).splitlines()[2:]
+    pairs = zip(rows[::2], rows[1::2], strict=True)
+    return heading, [(label, int(percent.rstrip("%"))) for label, percent in pairs]
+
+
+def _assert_shows(shown: tuple[str, list[tuple[str, int]]], output: list[dict[str, Any]]) -> None:
+    heading, rows = shown
+    want = sorted(output, key=lambda item: -item["score"])
+    assert heading == want[0]["label"]
+    assert [label for label, _ in rows] == [item["label"] for item in want]
+    for (label, percent), item in zip(rows, want, strict=True):
+        assert abs(percent - 100 * item["score"]) <= 1, (label, percent, item)
+
+
+def test_image_upload_shows_pipelines_labels(
+    serve: Callable[[str], str], page: Any, settings: Settings, tmp_path: Path
+) -> None:
+    image_path = tmp_path / "shapes.png"
+    image = Image.new("RGB", (320, 240), "white")
+    ImageDraw.Draw(image).rectangle((40, 40, 200, 160), fill="darkblue")
+    image.save(image_path)
+
+    page.goto(serve("tiny-vit"))
+    page.set_input_files("#image input[type=file]", str(image_path))
+    shown = _submit_and_read_labels(page)
+
+    _assert_shows(shown, reference_pipeline(settings.models, "tiny-vit")(str(image_path)))
+    shot = DOCS_PNG if os.environ.get("DOCS_SCREENSHOT") == "1" else tmp_path / "gradio.png"
+    page.screenshot(path=str(shot), full_page=True)
+
+
+def test_text_shows_pipelines_labels(
+    serve: Callable[[str], str], page: Any, settings: Settings
+) -> None:
+    text = "what a wonderful film"
+    page.goto(serve("tiny-sentiment"))
+    page.fill("#text textarea", text)
+    shown = _submit_and_read_labels(page)
+
+    _assert_shows(shown, reference_pipeline(settings.models, "tiny-sentiment")(text))
+
+
+def test_zero_shot_shows_pipelines_labels(
+    serve: Callable[[str], str], page: Any, settings: Settings
+) -> None:
+    text, labels = "my order never arrived", ["delivery", "price", "quality"]
+    page.goto(serve("tiny-zeroshot"))
+    page.fill("#text textarea", text)
+    page.fill("#candidate_labels textarea", ", ".join(labels))
+    shown = _submit_and_read_labels(page)
+
+    want = reference_pipeline(settings.models, "tiny-zeroshot")(text, candidate_labels=labels)
+    scored = zip(want["labels"], want["scores"], strict=True)
+    _assert_shows(shown, [{"label": label, "score": score} for label, score in scored])
