@@ -85,9 +85,9 @@ class MediaLoader:
         """One job input -> what `pipeline()` takes for `modality`.
 
         'text': the string; 'image': an RGB `PIL.Image` with EXIF orientation applied; 'audio':
-        `{"raw": float32 mono array, "sampling_rate": 16000}`; 'document': `{"image", "question",
-        "word_boxes"}`. Raises only `InputError` subclasses, except `ValueError` for a modality
-        that is none of these (a bug in the caller, not in the input).
+        `{"raw": float32 mono array, "sampling_rate": 16000}`; 'document': `{"image", "question"}`
+        plus "word_boxes" when given. Raises only `InputError` subclasses, except `ValueError` for
+        a modality that is none of these (a bug in the caller, not in the input).
         """
         ref = media_ref(item, modality)
         if ref is None:
@@ -145,12 +145,11 @@ class MediaLoader:
             # Decoded audio is capped like fetched bytes: 16 kHz float32 samples, 4 bytes each.
             return decode_audio(data, max_samples=self._settings.max_media_bytes // 4)
         assert isinstance(item, DocumentInput)  # media_ref() let only documents through
-        boxes = item.word_boxes
-        return {
-            "image": decode_image(data),
-            "question": item.question,
-            "word_boxes": None if boxes is None else [(word, list(box)) for word, box in boxes],
-        }
+        document: dict[str, Any] = {"image": decode_image(data), "question": item.question}
+        # Absent, not None: the pipeline runs OCR (Tesseract) only when the key is missing.
+        if item.word_boxes is not None:
+            document["word_boxes"] = [(word, list(box)) for word, box in item.word_boxes]
+        return document
 
     # --- http(s) -------------------------------------------------------------------------------
 
