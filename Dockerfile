@@ -62,9 +62,10 @@ COPY worker worker
 RUN --mount=type=cache,target=/root/.cache/pip pip install ".[worker]"
 
 FROM cuda-python AS worker
-# ffmpeg decodes the audio formats libsndfile cannot (worker/decode.py).
+# ffmpeg decodes the audio formats libsndfile cannot (worker/decode.py); tesseract-ocr reads
+# documents sent without word_boxes (document QA).
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ffmpeg \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ffmpeg tesseract-ocr \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 pipeq \
  && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin pipeq \
