@@ -185,6 +185,16 @@ class JobMessage(BaseModel):
     deadline_s: float | None = None
 
 
+class JobProgress(BaseModel):
+    """Forward parts done of those prepared so far (one per input, one per chunk of chunked
+    audio); `total` grows while a job's inputs are still being prepared."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    done: int = Field(ge=0)
+    total: int = Field(ge=0)
+
+
 class JobDocument(BaseModel):
     """A job's record: `GET /v1/jobs/{id}`, `Client.get`, the webhook body."""
 
@@ -202,6 +212,9 @@ class JobDocument(BaseModel):
     webhook: Webhook | None = None
     cached: bool | None = Field(
         default=None, description="True when every output came from the model's result cache."
+    )
+    progress: JobProgress | None = Field(
+        default=None, description="Parts forwarded so far; updated every ~0.5 s while running."
     )
 
     @property
