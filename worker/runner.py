@@ -3,7 +3,8 @@
 A job's inputs are prepared (fetched, decoded, preprocessed) on the shared prefetch pool while the
 model's batcher runs earlier batches; each model holds at most `max_prepared` prepared inputs,
 which bounds memory however many jobs are in flight. Postprocessing runs on the job's own thread,
-off the model's thread.
+off the model's thread, which also writes the job's progress (parts forwarded / prepared) to its
+record every `PROGRESS_INTERVAL_S` while it waits.
 """
 
 from __future__ import annotations
@@ -13,19 +14,21 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from pydantic import ValidationError
 
 from config.errors import ErrorInfo, Expired, InputError, ModelError, PipeqError
 from config.settings import Settings
-from producer.jobs import Input, JobDocument, JobMessage
+from producer.jobs import Input, JobDocument, JobMessage, JobProgress
 from producer.ledger import QueueLedger
 from producer.records import JobRecords
 from worker.batcher import LANE_RANK, Batcher, WorkItem
 from worker.media import MediaLoader
 from worker.metrics import CACHE, EXPIRED, INPUTS, JOBS, QUEUE_WAIT, STAGE_SECONDS, BatchMetrics
 from worker.pipelines import CallParams, StagedPipeline
+from worker.progress import ProgressTracker
 from worker.result_cache import MISS, ResultCache, cache_key
 from worker.stores import ResultStores
 
@@ -87,7 +90,8 @@ class JobRunner:
         if claimed is None:
             return None
         QUEUE_WAIT.labels(job.model, job.lane).observe(max(0.0, started - job.submitted_at))
-        outputs, errors, cached = self._execute(job)
+        progress = ProgressTracker(partial(self._publish_progress, claimed))
+        outputs, errors, cached = self._execute(job, progress)
         finished = time.time()
         failed_all = all(error is not None for error in errors)
         doc = claimed.model_copy(
@@ -96,6 +100,7 @@ class JobRunner:
                 "outputs": outputs,
                 "errors": errors,
                 "cached": True if cached and cached == len(outputs) else None,
+                "progress": progress.snapshot(),
                 "timings": {
                     **claimed.timings,
                     "started_at": started,
@@ -138,7 +143,15 @@ class JobRunner:
         log.info("job %s is %s; not running it", job.id, current.status)
         return None
 
-    def _execute(self, job: JobMessage) -> tuple[list[Any], list[ErrorInfo | None], int]:
+    def _publish_progress(self, running: JobDocument, progress: JobProgress) -> None:
+        try:
+            self.records.transition(running.model_copy(update={"progress": progress}), ("running",))
+        except Exception as exc:  # noqa: BLE001 - a missed progress write never fails the job
+            log.warning("progress write for job %s failed: %r", running.id, exc)
+
+    def _execute(
+        self, job: JobMessage, progress: ProgressTracker
+    ) -> tuple[list[Any], list[ErrorInfo | None], int]:
         """Outputs and errors per input, and how many outputs came from the cache."""
         count = len(job.inputs)
         served = self.models.get(job.model)
@@ -157,7 +170,9 @@ class JobRunner:
         for item in job.inputs:
             served.permits.acquire()
             prepared.append(
-                self._prefetch.submit(self._prepare, served, item, call, rank, expires_at)
+                self._prefetch.submit(
+                    self._prepare, served, item, call, rank, expires_at, progress
+                )
             )
         outputs: list[Any] = []
         errors: list[ErrorInfo | None] = []
@@ -170,7 +185,7 @@ class JobRunner:
                     errors.append(None)
                     cached += 1
                     continue
-                model_outputs = [f.result() for f in ready.futures]
+                model_outputs = progress.wait(ready.futures)
                 began = time.perf_counter()
                 output = served.staged.postprocess(model_outputs, call)
                 outputs.append(output)
@@ -202,6 +217,7 @@ class JobRunner:
         call: CallParams,
         rank: int,
         expires_at: float | None,
+        progress: ProgressTracker,
     ) -> _Prepared:
         """Fetch, decode and preprocess one input, and hand its parts to the batcher (or find
         its output in the cache)."""
@@ -247,6 +263,7 @@ class JobRunner:
             for part in parts
         ]
         _release_when_done(items, served.permits)
+        progress.track([work.future for work in items])
         served.batcher.submit(items)
         return _Prepared([work.future for work in items], key)
 
