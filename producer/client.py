@@ -96,7 +96,8 @@ class Client:
             for m in messages
         ]
         fingerprints = [request.fingerprint() for request in requests]
-        existing = self.records.create_many(list(zip(queued, fingerprints, strict=True)))
+        bodies = [message.model_dump_json() for message in messages]
+        existing = self.records.create_many(list(zip(queued, fingerprints, bodies, strict=True)))
         results: list[tuple[JobDocument, bool]] = []
         fresh: list[JobMessage] = []
         conflicts: list[str] = []
@@ -171,27 +172,37 @@ class Client:
         link: Signature | None = None,
         link_error: Signature | None = None,
     ) -> None:
-        """Publish in one pipelined batch (kombu's Producer.batch). If the broker refuses, the
-        records of these jobs are removed, so a retry with the same ids queues them again."""
+        """Publish in one pipelined batch. If the broker refuses, the records of these jobs are
+        removed, so a retry with the same ids queues them again."""
         try:
-            with self.celery.producer_or_acquire() as producer, producer.batch(max_size=1000):
-                for message in messages:
-                    self.celery.send_task(
-                        RUN_TASK,
-                        args=[message.model_dump(mode="json")],
-                        task_id=message.id,
-                        queue=queue_name(message.model, message.lane),
-                        producer=producer,
-                        link=link,
-                        link_error=link_error,
-                        # What Flower shows instead of the arguments: never inline media bytes.
-                        argsrepr=f"{message.model} x{len(message.inputs)} {message.lane}",
-                        kwargsrepr="{}",
-                    )
+            self.send(messages, link=link, link_error=link_error)
         except Exception:
             for message in messages:
                 self.records.delete(message.id)
             raise
+
+    def send(
+        self,
+        messages: list[JobMessage],
+        *,
+        link: Signature | None = None,
+        link_error: Signature | None = None,
+    ) -> None:
+        """Put `messages` on their queues in one pipelined batch (kombu's Producer.batch)."""
+        with self.celery.producer_or_acquire() as producer, producer.batch(max_size=1000):
+            for message in messages:
+                self.celery.send_task(
+                    RUN_TASK,
+                    args=[message.model_dump(mode="json")],
+                    task_id=message.id,
+                    queue=queue_name(message.model, message.lane),
+                    producer=producer,
+                    link=link,
+                    link_error=link_error,
+                    # What Flower shows instead of the arguments: never inline media bytes.
+                    argsrepr=f"{message.model} x{len(message.inputs)} {message.lane}",
+                    kwargsrepr="{}",
+                )
 
     def get(self, job_id: str, presign: bool = False) -> JobDocument:
         """The job's record, with its outputs read back from S3 where they were stored there;

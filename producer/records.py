@@ -18,41 +18,51 @@ from producer.jobs import JobDocument
 
 _KEY = "pipeq:job:"
 
-# KEYS[1] record; ARGV[1] new status, ARGV[2] new doc, ARGV[3] ttl, ARGV[4..] allowed from-states.
+# KEYS[1] record, KEYS[2] its lane's pending set; ARGV[1] new status, ARGV[2] new doc, ARGV[3] ttl,
+# ARGV[4] job id, ARGV[5..] allowed from-states. Leaving `queued` drops the job from the pending set
+# and its kept message.
 _CAS = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return nil end
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   if status == ARGV[i] then
     redis.call('HSET', KEYS[1], 'status', ARGV[1], 'doc', ARGV[2])
     redis.call('EXPIRE', KEYS[1], ARGV[3])
+    if ARGV[1] ~= 'queued' then
+      redis.call('ZREM', KEYS[2], ARGV[4])
+      redis.call('HDEL', KEYS[1], 'msg')
+    end
     return {1, ARGV[2]}
   end
 end
 return {0, redis.call('HGET', KEYS[1], 'doc')}
 """
 
-
-# KEYS[1] record; ARGV[1] fingerprint, ARGV[2] status, ARGV[3] doc, ARGV[4] ttl.
+# KEYS[1] record, KEYS[2] its lane's pending set; ARGV[1] fingerprint, ARGV[2] status, ARGV[3] doc,
+# ARGV[4] ttl, ARGV[5] the queued message, ARGV[6] submitted at, ARGV[7] job id.
 # Returns nil when created, else the existing {doc, fingerprint}.
 _CREATE = """
 if redis.call('HSETNX', KEYS[1], 'fp', ARGV[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'status', ARGV[2], 'doc', ARGV[3])
+  redis.call('HSET', KEYS[1], 'status', ARGV[2], 'doc', ARGV[3], 'msg', ARGV[5])
   redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('ZADD', KEYS[2], ARGV[6], ARGV[7])
   return nil
 end
 return {redis.call('HGET', KEYS[1], 'doc'), redis.call('HGET', KEYS[1], 'fp')}
 """
 
 
-class JobRecords(Protocol):
-    def create(self, doc: JobDocument, fingerprint: str) -> tuple[JobDocument, str] | None:
-        """Store a new record; if the id exists, return the existing (doc, fingerprint)."""
+def pending_key(model: str, lane: str) -> str:
+    """Jobs of a lane still `queued`, scored by when they were (last) published."""
+    return f"pipeq:pending:{model}:{lane}"
 
+
+class JobRecords(Protocol):
     def create_many(
-        self, docs: list[tuple[JobDocument, str]]
+        self, entries: list[tuple[JobDocument, str, str]]
     ) -> list[tuple[JobDocument, str] | None]:
-        """`create` for many records in one round trip where the store allows it."""
+        """Store new records (doc, fingerprint, the message as published), one round trip where
+        the store allows it; for an id that exists, return the existing (doc, fingerprint)."""
 
     def delete(self, job_id: str) -> None: ...
 
@@ -86,23 +96,49 @@ class RedisRecords:
         self._cas = self._redis.register_script(_CAS)
         self._create = self._redis.register_script(_CREATE)
 
-    def create(self, doc: JobDocument, fingerprint: str) -> tuple[JobDocument, str] | None:
-        return self.create_many([(doc, fingerprint)])[0]
-
     def create_many(
-        self, docs: list[tuple[JobDocument, str]]
+        self, entries: list[tuple[JobDocument, str, str]]
     ) -> list[tuple[JobDocument, str] | None]:
         pipe = self._redis.pipeline(transaction=False)
-        for doc, fingerprint in docs:
+        for doc, fingerprint, message in entries:
             self._create(
-                keys=[_KEY + doc.id],
-                args=[fingerprint, doc.status, doc.model_dump_json(), self._ttl_s],
+                keys=[_KEY + doc.id, pending_key(doc.model, doc.lane)],
+                args=[
+                    fingerprint, doc.status, doc.model_dump_json(), self._ttl_s, message,
+                    doc.timings.get("submitted_at", 0.0), doc.id,
+                ],
                 client=pipe,
             )
         return [
             None if found is None else (JobDocument.model_validate_json(found[0]), found[1].decode())
             for found in pipe.execute()
         ]
+
+    def stale_pending(self, model: str, lane: str, before: float, limit: int) -> list[str]:
+        """Ids of jobs still queued that were last published before `before`."""
+        ids = self._redis.zrangebyscore(pending_key(model, lane), "-inf", before, start=0, num=limit)
+        return [job_id.decode() for job_id in ids]
+
+    def republishable(self, model: str, lane: str, job_ids: list[str], now: float) -> list[str]:
+        """The kept messages of those of `job_ids` still queued (re-stamped as published `now`);
+        ids with no queued record leave the pending set."""
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(_KEY + job_id, "status", "msg")
+        messages, gone = [], []
+        for job_id, (status, message) in zip(job_ids, pipe.execute(), strict=True):
+            if status == b"queued" and message:
+                messages.append(message.decode())
+            else:
+                gone.append(job_id)
+        pipe = self._redis.pipeline(transaction=False)
+        if gone:
+            pipe.zrem(pending_key(model, lane), *gone)
+        keep = [job_id for job_id in job_ids if job_id not in set(gone)]
+        if keep:
+            pipe.zadd(pending_key(model, lane), dict.fromkeys(keep, now))
+        pipe.execute()
+        return messages
 
     def delete(self, job_id: str) -> None:
         self._redis.delete(_KEY + job_id)
@@ -115,8 +151,8 @@ class RedisRecords:
         self, doc: JobDocument, from_statuses: tuple[str, ...]
     ) -> tuple[bool, JobDocument | None]:
         result = self._cas(
-            keys=[_KEY + doc.id],
-            args=[doc.status, doc.model_dump_json(), self._ttl_s, *from_statuses],
+            keys=[_KEY + doc.id, pending_key(doc.model, doc.lane)],
+            args=[doc.status, doc.model_dump_json(), self._ttl_s, doc.id, *from_statuses],
         )
         if result is None:
             return False, None
@@ -156,7 +192,7 @@ class SqliteRecords:
             self._local.db = db
         return db
 
-    def create(self, doc: JobDocument, fingerprint: str) -> tuple[JobDocument, str] | None:
+    def _create(self, doc: JobDocument, fingerprint: str) -> tuple[JobDocument, str] | None:
         db = self._db()
         db.execute("DELETE FROM jobs WHERE id = ? AND expires_at < ?", (doc.id, time.time()))
         cursor = db.execute(
@@ -169,9 +205,10 @@ class SqliteRecords:
         return JobDocument.model_validate_json(row[0]), row[1]
 
     def create_many(
-        self, docs: list[tuple[JobDocument, str]]
+        self, entries: list[tuple[JobDocument, str, str]]
     ) -> list[tuple[JobDocument, str] | None]:
-        return [self.create(doc, fingerprint) for doc, fingerprint in docs]
+        # The embedded broker keeps no message in flight outside its files: nothing to keep.
+        return [self._create(doc, fingerprint) for doc, fingerprint, _ in entries]
 
     def delete(self, job_id: str) -> None:
         self._db().execute("DELETE FROM jobs WHERE id = ?", (job_id,))

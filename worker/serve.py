@@ -17,6 +17,7 @@ import os
 import threading
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.signals import worker_ready
 from celery.utils.nodenames import host_format
@@ -25,8 +26,9 @@ from redis.exceptions import RedisError
 from config.celery import LANES, RUN_TASK, make_celery, model_queues, queue_name
 from config.registry import ModelSpec, load_registry
 from config.settings import Settings
+from producer.client import Client
 from producer.ledger import QueueLedger, open_ledger
-from producer.records import open_records
+from producer.records import JobRecords, RedisRecords, open_records
 from worker.batcher import Batcher
 from worker.callbacks import finished_earlier, job_finished
 from worker.lease import LeaseRenewal
@@ -35,6 +37,7 @@ from worker.metrics import LOAD_SECONDS, BatchMetrics, serve_metrics
 from worker.pipelines import load_staged
 from worker.result_cache import open_cache
 from worker.runner import JobRunner, ServedModel
+from worker.sweeper import LostJobSweeper
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,8 @@ def serve(
     """Run a worker in this process until it is shut down; returns its exit code."""
     hostname = host_format(hostname)
     serve_metrics(metrics_port)
-    specs = load_registry(settings.models).select(models)
+    registry = load_registry(settings.models)
+    specs = registry.select(models)
     names = [spec.name for spec in specs]
     served = load_models(specs)
     runner = JobRunner(
@@ -111,6 +115,7 @@ def serve(
     app = create_worker_app(settings, runner, names)
     lanes = [(name, lane) for lane in LANES for name in names]
     stop_beating = _beat(runner.ledger, hostname, lanes, served, settings.lease_s / 3)
+    sweeper = _sweeper(settings, runner.records, Client(settings, registry=registry, celery=app), lanes)
 
     @worker_ready.connect(weak=False)
     def announce(sender: Any, **_: Any) -> None:
@@ -130,11 +135,32 @@ def serve(
         worker.start()
     finally:
         stop_beating()
+        if sweeper is not None:
+            sweeper.stop()
         for model in served.values():
             model.batcher.stop()
         runner.close()
         runner.media.close()
     return int(worker.exitcode or 0)
+
+
+def _sweeper(
+    settings: Settings, records: JobRecords, client: Client, lanes: list[tuple[str, str]]
+) -> LostJobSweeper | None:
+    """On a Redis broker, re-publish jobs whose message kombu lost (worker/sweeper.py). Grace: a
+    dead worker's unacked jobs come back within a lease and a restore sweep, so a job still queued
+    after two of each, on an empty queue, had its message lost."""
+    if not isinstance(records, RedisRecords) or not (settings.broker_url or "").startswith("redis"):
+        return None
+    sweeper = LostJobSweeper(
+        records,
+        redis.Redis.from_url(settings.broker_url or ""),
+        client.send,
+        lanes,
+        client.celery.conf.broker_transport_options,
+        grace_s=2 * (settings.lease_s + settings.unacked_restore_interval_s),
+    )
+    return sweeper.start(interval_s=max(1.0, settings.lease_s / 2))
 
 
 def _beat(
