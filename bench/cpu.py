@@ -36,7 +36,9 @@ from bench.harness import (
 from config.settings import Settings
 from producer.client import Client
 
-WORDS = "the movie was great but service felt slow and the food cold yet staff were kind to us".split()
+WORDS = (
+    "the movie was great but service felt slow and the food cold yet staff were kind to us".split()
+)
 METRICS_PORT = 9391
 
 
@@ -79,7 +81,12 @@ def main() -> None:
         "PIPEQ_METRICS_PORT": str(METRICS_PORT),
         "PIPEQ_LOG_LEVEL": "WARNING",
     }
-    naive_env = {"NAIVE_BROKER": naive_db, "NAIVE_TASK": "text-classification", "NAIVE_MODEL": str(model_dir), "NAIVE_DEVICE": "cpu"}
+    naive_env = {
+        "NAIVE_BROKER": naive_db,
+        "NAIVE_TASK": "text-classification",
+        "NAIVE_MODEL": str(model_dir),
+        "NAIVE_DEVICE": "cpu",
+    }
     low, heavy = texts(100, seed=1), texts(args.jobs, seed=2)
     records: list[Record] = []
 
@@ -95,21 +102,37 @@ def main() -> None:
         app.conf.update(task_serializer="json", accept_content=["json"])
         naive_closed_loop(app, low[:10])  # warm
         record("naive celery task, low load (1 in flight)", naive_closed_loop(app, low), len(low))
-        record(f"naive celery task, saturating ({len(heavy)} jobs at once)", naive_open_load(app, heavy), len(heavy))
+        record(
+            f"naive celery task, saturating ({len(heavy)} jobs at once)",
+            naive_open_load(app, heavy),
+            len(heavy),
+        )
     finally:
         stop_process(naive)
 
-    worker = start_pipeq_worker(pipeq_env, work / "pipeq.log", "--gpus", "cpu", "--concurrency", "64")
+    worker = start_pipeq_worker(
+        pipeq_env, work / "pipeq.log", "--gpus", "cpu", "--concurrency", "64"
+    )
     try:
         client = Client(Settings(broker_url=pipeq_db, models=work / "models.yaml"))
         pipeq_closed_loop(client, "classify", low[:10])
-        record("pipeq, low load (1 in flight)", pipeq_closed_loop(client, "classify", low), len(low))
-        record(f"pipeq, saturating ({len(heavy)} jobs at once)", pipeq_open_load(client, "classify", heavy, 1, None), len(heavy))
+        record(
+            "pipeq, low load (1 in flight)", pipeq_closed_loop(client, "classify", low), len(low)
+        )
+        record(
+            f"pipeq, saturating ({len(heavy)} jobs at once)",
+            pipeq_open_load(client, "classify", heavy, 1, None),
+            len(heavy),
+        )
         histogram = batch_histogram(f"http://127.0.0.1:{METRICS_PORT}/metrics", "classify")
     finally:
         stop_process(worker)
 
-    meta = {"versions": versions(), "threads": torch.get_num_threads(), "batch_size_histogram_cumulative": histogram}
+    meta = {
+        "versions": versions(),
+        "threads": torch.get_num_threads(),
+        "batch_size_histogram_cumulative": histogram,
+    }
     write_results(args.out, records, meta)
     print()
     print(markdown_table(records))

@@ -15,14 +15,13 @@ Writes bench/results/gpu.json (or $OUT/gpu.json) and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import subprocess
 import tempfile
-import urllib.request
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,13 +64,18 @@ class Scale:
 
 FULL = Scale("cuda", torch.float16, 16384, 4096, 300, {}, {})
 SMOKE = Scale(
-    "cpu", torch.float32, 64, 64, 10,
+    "cpu",
+    torch.float32,
+    64,
+    64,
+    10,
     {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
     {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
 )
 
 
 # ---- data and models -------------------------------------------------------------------------
+
 
 def make_jpegs(folder: Path, count: int) -> list[Path]:
     """Natural-looking 640x480 JPEGs: scikit-image sample photos, cropped and flipped."""
@@ -122,12 +126,18 @@ def build_bert(folder: Path, extra: dict[str, Any]) -> tuple[Path, list[str]]:
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok.train_from_iterator([" ".join(words)], trainers.WordLevelTrainer(special_tokens=specials))
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]", model_max_length=512,
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
     )
     torch.manual_seed(0)
     config = BertConfig(vocab_size=tok.get_vocab_size(), num_labels=3, **extra)
@@ -137,6 +147,7 @@ def build_bert(folder: Path, extra: dict[str, Any]) -> tuple[Path, list[str]]:
 
 
 # ---- in-process baselines --------------------------------------------------------------------
+
 
 def best_of(fn: Any, items: int, reps: int = 3) -> float:
     fn()
@@ -155,13 +166,16 @@ def best_of(fn: Any, items: int, reps: int = 3) -> float:
 def vit_ceiling(path: Path, scale: Scale) -> tuple[float, int]:
     from transformers import ViTForImageClassification
 
-    model = ViTForImageClassification.from_pretrained(path, dtype=scale.dtype).to(scale.device).eval()
+    model = (
+        ViTForImageClassification.from_pretrained(path, dtype=scale.dtype).to(scale.device).eval()
+    )
     results = {}
     with torch.inference_mode():
         for batch in (128, 256):
             x = torch.randn(batch, 3, 224, 224, device=scale.device, dtype=scale.dtype)
-            results[batch] = best_of(lambda x=x: [model(pixel_values=x).logits for _ in range(8)], 8 * batch)
-    del model
+            results[batch] = best_of(
+                lambda x=x: [model(pixel_values=x).logits for _ in range(8)], 8 * batch
+            )
     best = max(results, key=results.__getitem__)
     return results[best], best
 
@@ -170,7 +184,11 @@ def bert_ceiling(path: Path, texts: list[str], scale: Scale) -> tuple[float, int
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     tok = AutoTokenizer.from_pretrained(path)
-    model = BertForSequenceClassification.from_pretrained(path, dtype=scale.dtype).to(scale.device).eval()
+    model = (
+        BertForSequenceClassification.from_pretrained(path, dtype=scale.dtype)
+        .to(scale.device)
+        .eval()
+    )
     encoded = tok(texts, truncation=True)["input_ids"]
     order = sorted(range(len(texts)), key=lambda j: len(encoded[j]))
     results = {}
@@ -186,18 +204,24 @@ def bert_ceiling(path: Path, texts: list[str], scale: Scale) -> tuple[float, int
                     ids[k, : len(row)] = torch.tensor(row)
                     mask[k, : len(row)] = 1
                 tensors.append((ids.to(scale.device), mask.to(scale.device)))
-            results[batch] = best_of(lambda t=tensors: [model(input_ids=i, attention_mask=m).logits for i, m in t], len(texts))
-    del model
+            results[batch] = best_of(
+                lambda t=tensors: [model(input_ids=i, attention_mask=m).logits for i, m in t],
+                len(texts),
+            )
     best = max(results, key=results.__getitem__)
     return results[best], best
 
 
-def pipeline_best(task: str, path: Path, items: list[Any], scale: Scale, batches: tuple[int, ...], **call: Any) -> tuple[float, int]:
+def pipeline_best(
+    task: str, path: Path, items: list[Any], scale: Scale, batches: tuple[int, ...], **call: Any
+) -> tuple[float, int]:
     from transformers import pipeline
 
     pipe = pipeline(task, model=str(path), device=scale.device, dtype=scale.dtype)
-    results = {b: best_of(lambda b=b: pipe(items, batch_size=b, **call), len(items), reps=2) for b in batches}
-    del pipe
+    results = {
+        b: best_of(lambda b=b: pipe(items, batch_size=b, **call), len(items), reps=2)
+        for b in batches
+    }
     best = max(results, key=results.__getitem__)
     return results[best], best
 
@@ -208,14 +232,26 @@ def gpu_parity(path: Path, images: list[Path], scale: Scale) -> dict[str, float]
     from worker.gpu_images import GpuImagePipeline
     from worker.pipelines import StagedPipeline, load_pipeline
 
-    spec = ModelSpec(name="vit", task="image-classification", model=str(path), dtype="float16", device="cuda", gpu_preprocess=True)
+    spec = ModelSpec(
+        name="vit",
+        task="image-classification",
+        model=str(path),
+        dtype="float16",
+        device="cuda",
+        gpu_preprocess=True,
+    )
     gpu = GpuImagePipeline(spec, load_pipeline(spec))
     cpu_spec = spec.model_copy(update={"gpu_preprocess": False})
-    cpu = StagedPipeline(cpu_spec, load_pipeline(cpu_spec.model_copy(update={"pipeline_kwargs": {"use_fast": False}})))
+    cpu = StagedPipeline(
+        cpu_spec,
+        load_pipeline(cpu_spec.model_copy(update={"pipeline_kwargs": {"use_fast": False}})),
+    )
     call_g, call_c = gpu.call_params({}), cpu.call_params({})
     sample = images[:64]
     got = gpu.forward([gpu.preprocess(p.read_bytes(), call_g)[0] for p in sample], call_g)
-    want = cpu.forward([cpu.preprocess(Image.open(p).convert("RGB"), call_c)[0] for p in sample], call_c)
+    want = cpu.forward(
+        [cpu.preprocess(Image.open(p).convert("RGB"), call_c)[0] for p in sample], call_c
+    )
     g = torch.cat([o["logits"] for o in got]).float()
     c = torch.cat([o["logits"].float() for o in want])
     return {
@@ -225,6 +261,7 @@ def gpu_parity(path: Path, images: list[Path], scale: Scale) -> dict[str, float]
 
 
 # ---- through queues --------------------------------------------------------------------------
+
 
 class Sampler:
     """GPU utilisation and worker RSS sampled every 100 ms while a measurement runs."""
@@ -241,17 +278,23 @@ class Sampler:
             import pynvml
 
             pynvml.nvmlInit()
-            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            handles = [
+                pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())
+            ]
         except Exception:  # noqa: BLE001 - no NVML on the CPU smoke run
             handles = []
         while not self._stop.wait(0.1):
             if handles:
-                self.util.append(float(np.mean([pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in handles])))
+                self.util.append(
+                    float(np.mean([pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in handles]))
+                )
             rss = 0
             for pid in self.pids:
                 try:
                     proc = psutil.Process(pid)
-                    rss += proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+                    rss += proc.memory_info().rss + sum(
+                        c.memory_info().rss for c in proc.children(recursive=True)
+                    )
                 except psutil.NoSuchProcess:
                     pass
             self.rss.append(rss / 2**20)
@@ -275,34 +318,66 @@ METRICS_PORT = 9400
 OUT_DIR = Path(os.environ.get("OUT", "bench/results"))
 
 
-def profiled(pid: int, name: str, enabled: bool, seconds: int = 6) -> subprocess.Popen[bytes] | None:
+def profiled(
+    pid: int, name: str, enabled: bool, seconds: int = 6
+) -> subprocess.Popen[bytes] | None:
     """py-spy, sampling whichever thread holds the GIL, while a measurement runs."""
     if not enabled:
         return None
-    command = ["py-spy", "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "--gil", "--subprocesses"]
+    command = [
+        "py-spy",
+        "record",
+        "-p",
+        str(pid),
+        "-d",
+        str(seconds),
+        "-r",
+        "200",
+        "--gil",
+        "--subprocesses",
+    ]
     command += ["-f", "raw", "-o", str(OUT_DIR / f"prof-{name}.txt")]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def prefilled_run(client: Client, control: Celery, workers: list[str], model: str, inputs: list[Any], per_job: int, params: dict[str, Any]) -> tuple[float, list[float], int]:
+def prefilled_run(
+    client: Client,
+    control: Celery,
+    workers: list[str],
+    model: str,
+    inputs: list[Any],
+    per_job: int,
+    params: dict[str, Any],
+) -> tuple[float, list[float], int]:
     """Fill the queue while the workers are paused, resume them, and time the drain from the
     workers' own clocks: items / (last finished - first started). Returns (items/s, latencies, jobs)."""
     queue = queue_name(model, "interactive")
     control.control.cancel_consumer(queue, destination=workers, reply=True)
-    requests = [JobRequest(model=model, inputs=inputs[i : i + per_job], params=params) for i in range(0, len(inputs), per_job)]
+    requests = [
+        JobRequest(model=model, inputs=inputs[i : i + per_job], params=params)
+        for i in range(0, len(inputs), per_job)
+    ]
     docs = []
     for i in range(0, len(requests), 1000):
         docs += [doc for doc, _ in client.submit_many(requests[i : i + 1000])]
     control.control.add_consumer(queue, destination=workers, reply=True)
     finished = [client.wait(doc.id, timeout_s=600) for doc in docs]
-    bad = [d for d in finished if d.status != "succeeded" or any(e is not None for e in d.errors or [])]
+    bad = [
+        d for d in finished if d.status != "succeeded" or any(e is not None for e in d.errors or [])
+    ]
     assert not bad, bad[0]
     first = min(d.timings["started_at"] for d in finished)
     last = max(d.timings["finished_at"] for d in finished)
-    return len(inputs) / (last - first), [d.timings["finished_at"] - d.timings["started_at"] for d in finished], len(docs)
+    return (
+        len(inputs) / (last - first),
+        [d.timings["finished_at"] - d.timings["started_at"] for d in finished],
+        len(docs),
+    )
 
 
-def paced_latency(client: Client, model: str, inputs: list[Any], rate_per_s: float, params: dict[str, Any]) -> tuple[float, float]:
+def paced_latency(
+    client: Client, model: str, inputs: list[Any], rate_per_s: float, params: dict[str, Any]
+) -> tuple[float, float]:
     """Open-loop load at `rate_per_s` jobs/s, one input per job: p50/p99 of submit -> stored."""
     started = time.time()
     ids = []
@@ -336,16 +411,29 @@ def registry_yaml(vit: Path, bert: Path, scale: Scale) -> str:
 """
 
 
-def run_baselines(scale: Scale, paths: dict[str, Path], images: list[Path], texts: list[str], broker: str, record: Any, meta: dict[str, Any], naive: bool) -> None:
+def run_baselines(
+    scale: Scale,
+    paths: dict[str, Path],
+    images: list[Path],
+    texts: list[str],
+    broker: str,
+    record: Any,
+    meta: dict[str, Any],
+    naive: bool,
+) -> None:
     """Ceilings, in-process pipeline(), GPU-preprocessing parity and the naive Celery task."""
     vit, bert, work = paths["vit"], paths["bert"], paths["work"]
     rate, batch = vit_ceiling(vit, scale)
     record("vit raw forward, GPU tensors (ceiling)", rate, batch)
-    rate, batch = pipeline_best("image-classification", vit, [str(p) for p in images[:512]], scale, (64, 128))
+    rate, batch = pipeline_best(
+        "image-classification", vit, [str(p) for p in images[:512]], scale, (64, 128)
+    )
     record("vit in-process pipeline(paths)", rate, batch)
     rate, batch = bert_ceiling(bert, texts[:4096], scale)
     record("bert raw forward, length-sorted batches (ceiling)", rate, batch)
-    rate, batch = pipeline_best("text-classification", bert, texts[:4096], scale, (64, 256), truncation=True)
+    rate, batch = pipeline_best(
+        "text-classification", bert, texts[:4096], scale, (64, 256), truncation=True
+    )
     record("bert in-process pipeline(texts)", rate, batch)
     if scale.device == "cuda":
         meta["gpu_preprocess_parity"] = gpu_parity(vit, images, scale)
@@ -359,7 +447,12 @@ def run_baselines(scale: Scale, paths: dict[str, Path], images: list[Path], text
         ("image-classification", vit, [str(p) for p in images], "vit"),
         ("text-classification", bert, texts, "bert"),
     ):
-        env = {"NAIVE_BROKER": naive_db, "NAIVE_TASK": task, "NAIVE_MODEL": str(path), "NAIVE_DEVICE": scale.device}
+        env = {
+            "NAIVE_BROKER": naive_db,
+            "NAIVE_TASK": task,
+            "NAIVE_MODEL": str(path),
+            "NAIVE_DEVICE": scale.device,
+        }
         naive = start_naive_worker(env, work / f"naive-{label}.log")
         try:
             app = Celery("naive", broker=naive_db, backend=naive_db)
@@ -371,47 +464,104 @@ def run_baselines(scale: Scale, paths: dict[str, Path], images: list[Path], text
             stop_process(naive)
 
 
-def run_single_process(args: Any, client: Client, control: Celery, env: dict[str, str], work: Path, refs: list[Any], one_per_job: list[Any], texts: list[str], record: Any, gpus: str, host: str) -> None:
+def run_single_process(
+    args: Any,
+    client: Client,
+    control: Celery,
+    env: dict[str, str],
+    work: Path,
+    refs: list[Any],
+    one_per_job: list[Any],
+    texts: list[str],
+    record: Any,
+    gpus: str,
+    host: str,
+) -> None:
     """pipeq with one worker process: ViT 64 and 1 per job, latency at 10% and 80% of peak, BERT."""
-    worker = start_pipeq_worker(env, work / "pipeq.log", "--gpus", gpus, "--concurrency", "256", "--name", "bench@%h")
+    worker = start_pipeq_worker(
+        env, work / "pipeq.log", "--gpus", gpus, "--concurrency", "256", "--name", "bench@%h"
+    )
     hostname = f"bench@{host}"
     try:
         client.wait(client.submit("vit", refs[:64]), 120)  # warm the larger batch shapes
         spy = profiled(worker.pid, "vit64", args.profile)
         with Sampler([worker.pid]) as sampler:
             rate, lat, jobs = prefilled_run(client, control, [hostname], "vit", refs, 64, {})
-        record("vit pipeq end to end, 64 images per job", rate, 64, percentiles(lat), jobs=jobs, **sampler.extra())
+        record(
+            "vit pipeq end to end, 64 images per job",
+            rate,
+            64,
+            percentiles(lat),
+            jobs=jobs,
+            **sampler.extra(),
+        )
         if spy:
             spy.wait()
         with Sampler([worker.pid]) as sampler:
             rate, lat, jobs = prefilled_run(client, control, [hostname], "vit", one_per_job, 1, {})
         vit_peak = rate
-        record("vit pipeq end to end, 1 image per job, 1 process", rate, 1, percentiles(lat), jobs=jobs, **sampler.extra())
+        record(
+            "vit pipeq end to end, 1 image per job, 1 process",
+            rate,
+            1,
+            percentiles(lat),
+            jobs=jobs,
+            **sampler.extra(),
+        )
         for share in (0.1, 0.8):
             jobs_n = max(20, int(vit_peak * share * 4))
             lat2 = paced_latency(client, "vit", refs[:jobs_n], vit_peak * share, {})
-            record(f"vit pipeq latency at {int(share * 100)}% of 1-per-job peak ({vit_peak * share:.0f} jobs/s)", vit_peak * share, 1, lat2)
+            record(
+                f"vit pipeq latency at {int(share * 100)}% of 1-per-job peak ({vit_peak * share:.0f} jobs/s)",
+                vit_peak * share,
+                1,
+                lat2,
+            )
         spy = profiled(worker.pid, "bert1", args.profile)
         with Sampler([worker.pid]) as sampler:
             rate, lat, jobs = prefilled_run(client, control, [hostname], "bert", texts, 1, {})
-        record("bert pipeq end to end, 1 text per job, 1 process", rate, 1, percentiles(lat), jobs=jobs, **sampler.extra())
+        record(
+            "bert pipeq end to end, 1 text per job, 1 process",
+            rate,
+            1,
+            percentiles(lat),
+            jobs=jobs,
+            **sampler.extra(),
+        )
         if spy:
             spy.wait()
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+        metrics = (
+            urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10)
+            .read()
+            .decode()
+        )
         (OUT_DIR / "worker-metrics.txt").write_text(metrics)
     finally:
         stop_process(worker)
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the code paths")
-    parser.add_argument("--redis", default=os.environ.get("PIPEQ_BROKER_URL", "redis://127.0.0.1:6399/0"))
-    parser.add_argument("--procs-per-gpu", type=int, default=8, help="for the one-input-per-job runs")
-    parser.add_argument("--pipeq-only", action="store_true", help="skip the baselines (profiling runs)")
-    parser.add_argument("--profile", action="store_true", help="py-spy the worker; dumps land in $OUT")
-    parser.add_argument("--procs-only", action="store_true", help="ceilings, in-process, then only the N-process worker")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny models on the CPU: checks the code paths"
+    )
+    parser.add_argument(
+        "--redis", default=os.environ.get("PIPEQ_BROKER_URL", "redis://127.0.0.1:6399/0")
+    )
+    parser.add_argument(
+        "--procs-per-gpu", type=int, default=8, help="for the one-input-per-job runs"
+    )
+    parser.add_argument(
+        "--pipeq-only", action="store_true", help="skip the baselines (profiling runs)"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the worker; dumps land in $OUT"
+    )
+    parser.add_argument(
+        "--procs-only",
+        action="store_true",
+        help="ceilings, in-process, then only the N-process worker",
+    )
     args = parser.parse_args()
     scale = SMOKE if args.smoke else FULL
     out = OUT_DIR / "gpu.json"
@@ -421,8 +571,22 @@ def main() -> None:
     began = time.perf_counter()
     meta: dict[str, Any] = {"versions": versions(), "device": device_name, "cpus": os.cpu_count()}
 
-    def record(name: str, items_per_s: float, batch: int | None = None, lat: tuple[float, float] | None = None, **extra: Any) -> None:
-        r = Record(name, items_per_s, batch, lat[0] if lat else None, lat[1] if lat else None, device=device_name, extra=extra)
+    def record(
+        name: str,
+        items_per_s: float,
+        batch: int | None = None,
+        lat: tuple[float, float] | None = None,
+        **extra: Any,
+    ) -> None:
+        r = Record(
+            name,
+            items_per_s,
+            batch,
+            lat[0] if lat else None,
+            lat[1] if lat else None,
+            device=device_name,
+            extra=extra,
+        )
         records.append(r)
         print(f"[{time.perf_counter() - began:6.1f} s]", json.dumps(r.__dict__), flush=True)
         write_results(out, records, meta)  # a run cut short still leaves what it measured
@@ -434,7 +598,16 @@ def main() -> None:
     broker = args.redis
     redis.Redis.from_url(broker).flushdb()
     if not args.pipeq_only:
-        run_baselines(scale, {"vit": vit, "bert": bert, "work": work}, images, texts, broker, record, meta, naive=not args.procs_only)
+        run_baselines(
+            scale,
+            {"vit": vit, "bert": bert, "work": work},
+            images,
+            texts,
+            broker,
+            record,
+            meta,
+            naive=not args.procs_only,
+        )
 
     (work / "models.yaml").write_text(registry_yaml(vit, bert, scale))
     env = {
@@ -453,21 +626,37 @@ def main() -> None:
     host = os.uname().nodename
 
     if not args.procs_only:
-        run_single_process(args, client, control, env, work, refs, one_per_job, texts, record, gpus, host)
+        run_single_process(
+            args, client, control, env, work, refs, one_per_job, texts, record, gpus, host
+        )
 
     if args.procs_per_gpu > 1 and scale.device == "cuda":
         names = [f"benchp-{i}@{host}" for i in range(args.procs_per_gpu)]
         group = start_pipeq_worker(
-            {**env, "PIPEQ_METRICS_PORT": "0"}, work / "pipeq-procs.log", "--gpus", gpus,
-            "--concurrency", "128", "--procs-per-gpu", str(args.procs_per_gpu), "--name", "benchp-{proc}@%h",
+            {**env, "PIPEQ_METRICS_PORT": "0"},
+            work / "pipeq-procs.log",
+            "--gpus",
+            gpus,
+            "--concurrency",
+            "128",
+            "--procs-per-gpu",
+            str(args.procs_per_gpu),
+            "--name",
+            "benchp-{proc}@%h",
             ready_count=len(names),
         )
         try:
             client.wait(client.submit("vit", refs[:64]), 120)
-            runs = (("vit", refs, 64, "64 images"), ("vit", one_per_job, 1, "1 image"), ("bert", texts, 1, "1 text"))
+            runs = (
+                ("vit", refs, 64, "64 images"),
+                ("vit", one_per_job, 1, "1 image"),
+                ("bert", texts, 1, "1 text"),
+            )
             for model, items, per_job, label in runs:
                 with Sampler([group.pid]) as sampler:
-                    rate, lat, jobs = prefilled_run(client, control, names, model, items, per_job, {})
+                    rate, lat, jobs = prefilled_run(
+                        client, control, names, model, items, per_job, {}
+                    )
                 name = f"{model} pipeq end to end, {label} per job, {args.procs_per_gpu} processes per GPU"
                 record(name, rate, per_job, percentiles(lat), jobs=jobs, **sampler.extra())
         finally:

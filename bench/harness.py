@@ -53,11 +53,21 @@ def percentiles(latencies_s: list[float]) -> tuple[float, float]:
 
 
 def start_process(
-    command: list[str], env: dict[str, str], log_path: Path, ready: str, ready_count: int = 1, timeout_s: float = 300
+    command: list[str],
+    env: dict[str, str],
+    log_path: Path,
+    ready: str,
+    ready_count: int = 1,
+    timeout_s: float = 300,
 ) -> subprocess.Popen[bytes]:
     """Start `command`, logging to `log_path`, and wait until `ready` has appeared `ready_count` times."""
     log = log_path.open("w")
-    proc = subprocess.Popen(command, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        command,
+        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + timeout_s
     while log_path.read_text().count(ready) < ready_count:
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -75,17 +85,34 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
             proc.kill()
 
 
-def start_pipeq_worker(env: dict[str, str], log_path: Path, *args: str, ready_count: int = 1) -> subprocess.Popen[bytes]:
+def start_pipeq_worker(
+    env: dict[str, str], log_path: Path, *args: str, ready_count: int = 1
+) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "producer.cli", "worker", *args]
     return start_process(command, env, log_path, READY_LINE, ready_count)
 
 
 def start_naive_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "celery", "-A", "bench.naive", "worker", "-P", "solo", "-l", "INFO", "-n", "naive@%h"]
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "bench.naive",
+        "worker",
+        "-P",
+        "solo",
+        "-l",
+        "INFO",
+        "-n",
+        "naive@%h",
+    ]
     return start_process(command, env, log_path, "ready.")
 
 
-def pipeq_closed_loop(client: Client, model: str, items: list[Any], per_job: int = 1) -> tuple[float, list[float]]:
+def pipeq_closed_loop(
+    client: Client, model: str, items: list[Any], per_job: int = 1
+) -> tuple[float, list[float]]:
     """One job in flight at a time: the latency an idle service gives."""
     latencies = []
     started = time.perf_counter()
@@ -97,7 +124,9 @@ def pipeq_closed_loop(client: Client, model: str, items: list[Any], per_job: int
     return len(items) / (time.perf_counter() - started), latencies
 
 
-def pipeq_open_load(client: Client, model: str, items: list[Any], per_job: int, rate_per_s: float | None) -> tuple[float, list[float]]:
+def pipeq_open_load(
+    client: Client, model: str, items: list[Any], per_job: int, rate_per_s: float | None
+) -> tuple[float, list[float]]:
     """Submit jobs at `rate_per_s` (None: as fast as possible); latency = submit to result stored."""
     ids = []
     started = time.time()
@@ -136,7 +165,9 @@ def naive_open_load(app: Any, items: list[Any]) -> tuple[float, list[float]]:
 def batch_histogram(metrics_url: str, model: str) -> dict[str, float]:
     """Cumulative `pipeq_batch_size` buckets of one model, scraped from a worker."""
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    pattern = re.compile(rf'pipeq_batch_size_bucket\{{le="([^"]+)",model="{re.escape(model)}"\}} (\S+)')
+    pattern = re.compile(
+        rf'pipeq_batch_size_bucket\{{le="([^"]+)",model="{re.escape(model)}"\}} (\S+)'
+    )
     return {le: float(count) for le, count in pattern.findall(text)}
 
 

@@ -13,7 +13,9 @@ from celery import Celery
 from celery.signals import worker_process_init
 
 app = Celery("naive", broker=os.environ["NAIVE_BROKER"], backend=os.environ["NAIVE_BROKER"])
-app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"], task_acks_late=True)
+app.conf.update(
+    task_serializer="json", result_serializer="json", accept_content=["json"], task_acks_late=True
+)
 _pipe: Any = None
 
 
@@ -22,7 +24,11 @@ def load(**_: Any) -> None:
     global _pipe
     from transformers import pipeline
 
-    _pipe = pipeline(os.environ["NAIVE_TASK"], model=os.environ["NAIVE_MODEL"], device=os.environ.get("NAIVE_DEVICE"))
+    _pipe = pipeline(
+        os.environ["NAIVE_TASK"],
+        model=os.environ["NAIVE_MODEL"],
+        device=os.environ.get("NAIVE_DEVICE"),
+    )
 
 
 @app.task(name="naive.run")

@@ -114,49 +114,81 @@ def main() -> None:
     database = redis.Redis.from_url(args.redis)
     purge = database.flushdb
     cases: list[tuple[str, int, int, Callable[[], int]]] = [
-        ("Celery apply_async, 1 input per task", args.tasks, 1,
-         lambda: celery_one_by_one(client, args.tasks)),
-        ("Celery group(), 1 input per task", args.tasks, 1,
-         lambda: celery_group(client, args.tasks)),
-        ("Client.submit_many, 1 input per job", args.tasks, 1,
-         lambda: submit_many_per_input(client, args.tasks)),
+        (
+            "Celery apply_async, 1 input per task",
+            args.tasks,
+            1,
+            lambda: celery_one_by_one(client, args.tasks),
+        ),
+        (
+            "Celery group(), 1 input per task",
+            args.tasks,
+            1,
+            lambda: celery_group(client, args.tasks),
+        ),
+        (
+            "Client.submit_many, 1 input per job",
+            args.tasks,
+            1,
+            lambda: submit_many_per_input(client, args.tasks),
+        ),
     ]
     with tempfile.TemporaryDirectory() as folder:
         manifest = Path(folder) / "manifest.jsonl"
         write_manifest(manifest, args.inputs)
         for chunk in args.chunk:
-            cases.append((f"backfill path: JSONL -> {chunk:,} inputs per job -> submit_many",
-                          args.inputs, chunk,
-                          lambda chunk=chunk: backfill_publish(client, manifest, chunk)))
+            cases.append(
+                (
+                    f"backfill path: JSONL -> {chunk:,} inputs per job -> submit_many",
+                    args.inputs,
+                    chunk,
+                    lambda chunk=chunk: backfill_publish(client, manifest, chunk),
+                )
+            )
         records = []
         try:
             for name, inputs, per_message, run in cases:
                 rates = measure(purge, run, args.repeats)
                 median = statistics.median(rates)
-                records.append(Record(
-                    name=name, items_per_s=round(median, 1), jobs=inputs // per_message,
-                    extra={"inputs": inputs, "inputs_per_message": per_message,
-                           "messages_per_s": round(median / per_message, 1),
-                           "runs_inputs_per_s": [round(r, 1) for r in rates]},
-                ))
+                records.append(
+                    Record(
+                        name=name,
+                        items_per_s=round(median, 1),
+                        jobs=inputs // per_message,
+                        extra={
+                            "inputs": inputs,
+                            "inputs_per_message": per_message,
+                            "messages_per_s": round(median / per_message, 1),
+                            "runs_inputs_per_s": [round(r, 1) for r in rates],
+                        },
+                    )
+                )
                 print(f"{name}: {median:,.0f} inputs/s", flush=True)
         finally:
             purge()
     meta = {
-        "redis": args.redis, "python": platform.python_version(), "celery": celery.__version__,
-        "kombu": kombu.__version__, "redis_server": database.info()["redis_version"],
-        "machine": platform.machine(), "repeats": args.repeats,
+        "redis": args.redis,
+        "python": platform.python_version(),
+        "celery": celery.__version__,
+        "kombu": kombu.__version__,
+        "redis_server": database.info()["redis_version"],
+        "machine": platform.machine(),
+        "repeats": args.repeats,
     }
     write_results(Path(__file__).parent / "results" / "publish.json", records, meta)
     print(markdown(records))
 
 
 def markdown(records: list[Record]) -> str:
-    rows = ["| publishing | inputs | inputs/message | inputs/s | messages/s |",
-            "|---|---:|---:|---:|---:|"]
+    rows = [
+        "| publishing | inputs | inputs/message | inputs/s | messages/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in records:
-        rows.append(f"| {r.name} | {r.extra['inputs']:,} | {r.extra['inputs_per_message']:,} | "
-                    f"{r.items_per_s:,.0f} | {r.extra['messages_per_s']:,.0f} |")
+        rows.append(
+            f"| {r.name} | {r.extra['inputs']:,} | {r.extra['inputs_per_message']:,} | "
+            f"{r.items_per_s:,.0f} | {r.extra['messages_per_s']:,.0f} |"
+        )
     return "\n".join(rows)
 
 

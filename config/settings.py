@@ -123,7 +123,9 @@ class Settings(BaseSettings):
         # Not a ValueError, so pydantic lets it through as is and `pipeq` prints it plainly. An
         # sqlite file per host would split job records between the API and each worker.
         if not self.result_url and (self.broker_url or "").split("://", 1)[0] in (
-            "amqp", "amqps", "pyamqp"
+            "amqp",
+            "amqps",
+            "pyamqp",
         ):
             raise ConfigError(
                 "PIPEQ_BROKER_URL is RabbitMQ (amqp://): set PIPEQ_RESULT_URL too (job records "

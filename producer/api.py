@@ -38,17 +38,22 @@ _ERRORS = {
     409: {"description": "Id reused with another body, or job past cancelling"},
     413: {"description": "Inline data over PIPEQ_MAX_MEDIA_BYTES"},
     422: {"description": "Malformed request"},
-    429: {"description": "The model's lane is over PIPEQ_MAX_BACKLOG or slower than deadline_s; see Retry-After"},
+    429: {
+        "description": "The model's lane is over PIPEQ_MAX_BACKLOG or slower than deadline_s; see Retry-After"
+    },
     503: {"description": "Broker or result store unavailable"},
 }
 
 
-def create_app(client: Client | None = None) -> FastAPI:
+def create_app(client: Client | None = None) -> FastAPI:  # noqa: C901 - the sum of small route closures, each simple
     client = client or Client()
     settings = client.settings
     metrics = CollectorRegistry()
     requests = Counter(
-        "pipeq_api_requests", "API requests by route and status", ["route", "status"], registry=metrics
+        "pipeq_api_requests",
+        "API requests by route and status",
+        ["route", "status"],
+        registry=metrics,
     )
     register_queue_depth(metrics, client)
     app = FastAPI(title="pipeq", version="0.1.0")
@@ -79,7 +84,9 @@ def create_app(client: Client | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        details = [
+            {k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()
+        ]
         return JSONResponse({"error": "invalid request", "detail": details}, status_code=422)
 
     @app.exception_handler(StoreError)
@@ -95,7 +102,13 @@ def create_app(client: Client | None = None) -> FastAPI:
 
     auth = [Depends(require_key)]
 
-    @app.post("/v1/jobs", status_code=202, response_model=JobAccepted, dependencies=auth, responses={200: {"model": JobAccepted}, **_ERRORS})
+    @app.post(
+        "/v1/jobs",
+        status_code=202,
+        response_model=JobAccepted,
+        dependencies=auth,
+        responses={200: {"model": JobAccepted}, **_ERRORS},
+    )
     def submit(body: JobRequest) -> Any:
         try:
             doc, created = client.submit_request(body)
@@ -106,7 +119,9 @@ def create_app(client: Client | None = None) -> FastAPI:
         except PayloadTooLarge as exc:
             raise HTTPException(413, str(exc)) from exc
         except Overloaded as exc:
-            raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
+            raise HTTPException(
+                429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}
+            ) from exc
         accepted = JobAccepted(id=doc.id, status=doc.status)
         return accepted if created else JSONResponse(accepted.model_dump(), status_code=200)
 
@@ -126,7 +141,13 @@ def create_app(client: Client | None = None) -> FastAPI:
                 return doc
             await asyncio.sleep(settings.wait_poll_interval_s)
 
-    @app.delete("/v1/jobs/{job_id}", status_code=202, response_model=JobDocument, dependencies=auth, responses=_ERRORS)
+    @app.delete(
+        "/v1/jobs/{job_id}",
+        status_code=202,
+        response_model=JobDocument,
+        dependencies=auth,
+        responses=_ERRORS,
+    )
     def cancel_job(job_id: str) -> Any:
         try:
             doc, cancelled = client.cancel(job_id)
@@ -134,7 +155,10 @@ def create_app(client: Client | None = None) -> FastAPI:
             raise HTTPException(404, str(exc)) from exc
         if not cancelled:
             return JSONResponse(
-                {"error": f"job {job_id} is {doc.status}; only queued jobs can be cancelled", "job": doc.model_dump(mode="json")},
+                {
+                    "error": f"job {job_id} is {doc.status}; only queued jobs can be cancelled",
+                    "job": doc.model_dump(mode="json"),
+                },
                 status_code=409,
             )
         return doc

@@ -65,8 +65,16 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
     try:
         summary = backfill(
-            Client(), args.manifest, args.model, args.params, args.out, args.chunk,
-            args.max_in_flight, args.resume, column=args.column, manifest_format=args.format,
+            Client(),
+            args.manifest,
+            args.model,
+            args.params,
+            args.out,
+            args.chunk,
+            args.max_in_flight,
+            args.resume,
+            column=args.column,
+            manifest_format=args.format,
             show_progress=not args.json,
         )
     except (ValueError, OSError) as exc:
@@ -175,10 +183,18 @@ def cmd_webhooks_failed(_: argparse.Namespace) -> int:
 
     for letter in DeadLetters(Settings().effective_result_url).list():
         delivery = letter.delivery
-        print(json.dumps({
-            "id": delivery.id, "event": delivery.event, "url": delivery.url,
-            "attempts": letter.attempts, "error": letter.error, "failed_at": letter.failed_at,
-        }))
+        print(
+            json.dumps(
+                {
+                    "id": delivery.id,
+                    "event": delivery.event,
+                    "url": delivery.url,
+                    "attempts": letter.attempts,
+                    "error": letter.error,
+                    "failed_at": letter.failed_at,
+                }
+            )
+        )
     return 0
 
 
@@ -228,14 +244,23 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--params", type=_json_object, default={}, metavar="JSON")
     backfill.add_argument("--out", help="DIR or s3://bucket/prefix (default: ./NAME-results)")
     backfill.add_argument("--chunk", type=_positive, default=100, help="inputs per bulk job")
-    backfill.add_argument("--max-in-flight", type=_positive, default=10_000, metavar="N",
-                          help="most inputs queued or running at once")
+    backfill.add_argument(
+        "--max-in-flight",
+        type=_positive,
+        default=10_000,
+        metavar="N",
+        help="most inputs queued or running at once",
+    )
     backfill.add_argument("--resume", action="store_true", help="skip ids already in --out")
     backfill.add_argument("--column", help="the CSV column holding the inputs")
-    backfill.add_argument("--format", choices=["jsonl", "csv", "list"],
-                          help="manifest format (default: from the file's extension)")
-    backfill.add_argument("--json", action="store_true",
-                          help="no progress bar; print the summary as JSON")
+    backfill.add_argument(
+        "--format",
+        choices=["jsonl", "csv", "list"],
+        help="manifest format (default: from the file's extension)",
+    )
+    backfill.add_argument(
+        "--json", action="store_true", help="no progress bar; print the summary as JSON"
+    )
     backfill.set_defaults(func=cmd_backfill)
 
     models = commands.add_parser("models", help="print the model registry as loaded")
@@ -275,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args))
     except PipeqError as exc:

@@ -90,8 +90,12 @@ class Client:
         self._admit_load(messages)
         queued = [
             JobDocument(
-                id=m.id, model=m.model, status="queued", lane=m.lane,
-                timings={"submitted_at": m.submitted_at}, webhook=m.webhook,
+                id=m.id,
+                model=m.model,
+                status="queued",
+                lane=m.lane,
+                timings={"submitted_at": m.submitted_at},
+                webhook=m.webhook,
             )
             for m in messages
         ]
@@ -101,7 +105,9 @@ class Client:
         results: list[tuple[JobDocument, bool]] = []
         fresh: list[JobMessage] = []
         conflicts: list[str] = []
-        for message, doc, fingerprint, found in zip(messages, queued, fingerprints, existing, strict=True):
+        for message, doc, fingerprint, found in zip(
+            messages, queued, fingerprints, existing, strict=True
+        ):
             if found is None:
                 fresh.append(message)
                 results.append((doc, True))

@@ -98,31 +98,42 @@ VIEWS: dict[str, TaskView] = {
         lambda o: (_scores(o),),
     ),
     "zero-shot-classification": TaskView(
-        lambda: [*_text_input(), gr.Textbox(label="Candidate labels (comma-separated)",
-                                            elem_id="candidate_labels")],
+        lambda: [
+            *_text_input(),
+            gr.Textbox(label="Candidate labels (comma-separated)", elem_id="candidate_labels"),
+        ],
         _zero_shot_job,
         _label_output,
         lambda o: (dict(zip(o["labels"], o["scores"], strict=True)),),
     ),
     "automatic-speech-recognition": TaskView(
-        lambda: [gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio",
-                          elem_id="audio")],
+        lambda: [
+            gr.Audio(
+                sources=["upload", "microphone"], type="filepath", label="Audio", elem_id="audio"
+            )
+        ],
         lambda path: ([inline_media(path, "a recording")], {"return_timestamps": True}),
         lambda: [
             gr.Textbox(label="Transcript", elem_id="transcript"),
-            gr.Dataframe(headers=["start s", "end s", "text"], label="Timestamps",
-                         elem_id="timestamps"),
+            gr.Dataframe(
+                headers=["start s", "end s", "text"], label="Timestamps", elem_id="timestamps"
+            ),
         ],
         _transcript,
     ),
     "document-question-answering": TaskView(
-        lambda: [gr.Image(type="filepath", label="Document", elem_id="image"),
-                 gr.Textbox(label="Question", elem_id="question")],
+        lambda: [
+            gr.Image(type="filepath", label="Document", elem_id="image"),
+            gr.Textbox(label="Question", elem_id="question"),
+        ],
         lambda path, question: (
-            [{"image": inline_media(path, "a document image"), "question": question}], {}
+            [{"image": inline_media(path, "a document image"), "question": question}],
+            {},
         ),
-        lambda: [gr.Textbox(label="Answer", elem_id="answer"),
-                 gr.Label(label="Answers", elem_id="answers")],
+        lambda: [
+            gr.Textbox(label="Answer", elem_id="answer"),
+            gr.Label(label="Answers", elem_id="answers"),
+        ],
         _answer,
     ),
     "feature-extraction": TaskView(

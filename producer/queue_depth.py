@@ -153,7 +153,5 @@ def register_queue_depth(metrics: CollectorRegistry, client: Client) -> None:
     broker = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
     options = client.celery.conf.broker_transport_options
     metrics.register(
-        QueueDepthCollector(
-            broker, options, client.registry.models, client.records, client.ledger
-        )
+        QueueDepthCollector(broker, options, client.registry.models, client.records, client.ledger)
     )

@@ -104,19 +104,28 @@ class RedisRecords:
             self._create(
                 keys=[_KEY + doc.id, pending_key(doc.model, doc.lane)],
                 args=[
-                    fingerprint, doc.status, doc.model_dump_json(), self._ttl_s, message,
-                    doc.timings.get("submitted_at", 0.0), doc.id,
+                    fingerprint,
+                    doc.status,
+                    doc.model_dump_json(),
+                    self._ttl_s,
+                    message,
+                    doc.timings.get("submitted_at", 0.0),
+                    doc.id,
                 ],
                 client=pipe,
             )
         return [
-            None if found is None else (JobDocument.model_validate_json(found[0]), found[1].decode())
+            None
+            if found is None
+            else (JobDocument.model_validate_json(found[0]), found[1].decode())
             for found in pipe.execute()
         ]
 
     def stale_pending(self, model: str, lane: str, before: float, limit: int) -> list[str]:
         """Ids of jobs still queued that were last published before `before`."""
-        ids = self._redis.zrangebyscore(pending_key(model, lane), "-inf", before, start=0, num=limit)
+        ids = self._redis.zrangebyscore(
+            pending_key(model, lane), "-inf", before, start=0, num=limit
+        )
         return [job_id.decode() for job_id in ids]
 
     def republishable(self, model: str, lane: str, job_ids: list[str], now: float) -> list[str]:

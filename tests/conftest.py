@@ -127,7 +127,9 @@ def start_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[object]
 
 
 @pytest.fixture(scope="session")
-def session_worker(worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+def session_worker(
+    worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
     """One worker serving every tiny model, shared by the tests that only read results."""
     log_path = tmp_path_factory.mktemp("logs") / "session-worker.log"
     worker = WorkerProcess(worker_env, log_path, "--name", "session@%h", "--concurrency", "32")

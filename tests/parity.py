@@ -15,14 +15,20 @@ from worker.pipelines import load_pipeline, to_json
 def assert_close(got: Any, want: Any, tol: float = 1e-4, where: str = "output") -> None:
     want = to_json(want)
     if isinstance(want, float) or isinstance(got, float):
-        assert isinstance(got, (int, float)) and isinstance(want, (int, float)), f"{where}: {got!r} != {want!r}"
+        assert isinstance(got, (int, float)) and isinstance(want, (int, float)), (
+            f"{where}: {got!r} != {want!r}"
+        )
         assert math.isclose(got, want, rel_tol=tol, abs_tol=tol), f"{where}: {got} != {want}"
     elif isinstance(want, dict):
-        assert isinstance(got, dict) and got.keys() == want.keys(), f"{where}: keys {got!r} != {want!r}"
+        assert isinstance(got, dict) and got.keys() == want.keys(), (
+            f"{where}: keys {got!r} != {want!r}"
+        )
         for key in want:
             assert_close(got[key], want[key], tol, f"{where}.{key}")
     elif isinstance(want, list):
-        assert isinstance(got, list) and len(got) == len(want), f"{where}: {json.dumps(got)[:200]} != {json.dumps(want)[:200]}"
+        assert isinstance(got, list) and len(got) == len(want), (
+            f"{where}: {json.dumps(got)[:200]} != {json.dumps(want)[:200]}"
+        )
         for i, (g, w) in enumerate(zip(got, want, strict=True)):
             assert_close(g, w, tol, f"{where}[{i}]")
     else:

@@ -27,7 +27,9 @@ def _free_port() -> int:
 
 def serve(client: Client) -> Iterator[httpx.Client]:
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(client), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(client), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -83,7 +85,9 @@ def test_malformed_bodies_are_422(api: httpx.Client, body: dict[str, Any]) -> No
 
 
 def test_not_json_is_422(api: httpx.Client) -> None:
-    response = api.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    response = api.post(
+        "/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert response.status_code == 422
 
 
@@ -96,7 +100,9 @@ def test_unknown_model_and_job_are_404(api: httpx.Client) -> None:
 
 def test_oversize_inline_data_is_413(api: httpx.Client, settings: Settings) -> None:
     blob = base64.b64encode(b"\0" * (settings.max_media_bytes + 1)).decode()
-    response = api.post("/v1/jobs", json={"model": "tiny-vit", "inputs": [{"data": blob, "mime": "image/png"}]})
+    response = api.post(
+        "/v1/jobs", json={"model": "tiny-vit", "inputs": [{"data": blob, "mime": "image/png"}]}
+    )
     assert response.status_code == 413
 
 
@@ -110,7 +116,9 @@ def test_idempotency_key(idle_api: httpx.Client) -> None:
 
 
 def test_cancel_queued_job(idle_api: httpx.Client) -> None:
-    job_id = idle_api.post("/v1/jobs", json={"model": "tiny-sentiment", "inputs": ["x"]}).json()["id"]
+    job_id = idle_api.post("/v1/jobs", json={"model": "tiny-sentiment", "inputs": ["x"]}).json()[
+        "id"
+    ]
     cancelled = idle_api.delete(f"/v1/jobs/{job_id}")
     assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelled"
     again = idle_api.delete(f"/v1/jobs/{job_id}")

@@ -64,8 +64,13 @@ def test_jsonl_manifest_every_input_once(client: Client, tmp_path: Path) -> None
     ids = write_jsonl(tmp_path / "manifest.jsonl", 2_000)
     out = tmp_path / "out"
     summary = backfill(
-        client, str(tmp_path / "manifest.jsonl"), MODEL, out=str(out), chunk=50,
-        max_in_flight=1_000, show_progress=False,
+        client,
+        str(tmp_path / "manifest.jsonl"),
+        MODEL,
+        out=str(out),
+        chunk=50,
+        max_in_flight=1_000,
+        show_progress=False,
     )
     assert_exactly_once(out, ids)
     assert (summary.succeeded, summary.failed, summary.complete) == (2_000, 0, True)
@@ -86,8 +91,13 @@ def test_jsonl_manifest_every_input_once(client: Client, tmp_path: Path) -> None
 def test_max_in_flight_bounds_queued_and_running_inputs(client: Client, tmp_path: Path) -> None:
     ids = write_jsonl(tmp_path / "manifest.jsonl", 600)
     summary = backfill(
-        client, str(tmp_path / "manifest.jsonl"), MODEL, out=str(tmp_path / "out"), chunk=10,
-        max_in_flight=40, show_progress=False,
+        client,
+        str(tmp_path / "manifest.jsonl"),
+        MODEL,
+        out=str(tmp_path / "out"),
+        chunk=10,
+        max_in_flight=40,
+        show_progress=False,
     )
     assert summary.complete
     assert summary.peak_in_flight == 40  # the limit was reached, and never passed
@@ -97,7 +107,10 @@ def test_max_in_flight_bounds_queued_and_running_inputs(client: Client, tmp_path
 def run_cli(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "producer.cli", "backfill", *args],
-        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -105,8 +118,17 @@ def interrupt_midway(
     env: dict[str, str], manifest: Path, out: Path, sig: int
 ) -> subprocess.Popen[str]:
     proc = run_cli(
-        env, str(manifest), "--model", MODEL, "--out", str(out), "--chunk", "10",
-        "--max-in-flight", "60", "--json",
+        env,
+        str(manifest),
+        "--model",
+        MODEL,
+        "--out",
+        str(out),
+        "--chunk",
+        "10",
+        "--max-in-flight",
+        "60",
+        "--json",
     )
     deadline = time.monotonic() + 60
     while sum(1 for _ in records(out, "part")) < 200:
@@ -131,8 +153,16 @@ def test_sigint_then_resume_finishes_without_redoing_work(
     refused = run_cli(worker_env, str(manifest), "--model", MODEL, "--out", str(out))
     assert refused.wait(60) == 2 and "--resume" in refused.communicate()[1]
 
-    resumed = backfill(client, str(manifest), MODEL, out=str(out), chunk=10, max_in_flight=60,
-                       resume=True, show_progress=False)
+    resumed = backfill(
+        client,
+        str(manifest),
+        MODEL,
+        out=str(out),
+        chunk=10,
+        max_in_flight=60,
+        resume=True,
+        show_progress=False,
+    )
     assert resumed.complete and resumed.skipped == stopped["succeeded"]
     assert_exactly_once(out, ids)
     # Each input was published once over the two runs: jobs in flight at the interrupt were
@@ -149,8 +179,16 @@ def test_sigkill_then_resume_loses_and_repeats_nothing(
     crashed = interrupt_midway(worker_env, manifest, out, signal.SIGKILL)
     assert crashed.returncode == -signal.SIGKILL
     assert not (out / "summary.json").exists()
-    resumed = backfill(client, str(manifest), MODEL, out=str(out), chunk=10, max_in_flight=60,
-                       resume=True, show_progress=False)
+    resumed = backfill(
+        client,
+        str(manifest),
+        MODEL,
+        out=str(out),
+        chunk=10,
+        max_in_flight=60,
+        resume=True,
+        show_progress=False,
+    )
     assert resumed.complete and resumed.skipped >= 200
     assert_exactly_once(out, ids)
 
@@ -161,8 +199,15 @@ def test_csv_manifest_with_id_column(client: Client, tmp_path: Path) -> None:
     manifest.write_text(
         "id,review,stars\n" + "".join(f'r{i},"{t}, truly",{i % 5}\n' for i, t in enumerate(rows))
     )
-    summary = backfill(client, str(manifest), MODEL, out=str(tmp_path / "out"), column="review",
-                       chunk=32, show_progress=False)
+    summary = backfill(
+        client,
+        str(manifest),
+        MODEL,
+        out=str(tmp_path / "out"),
+        column="review",
+        chunk=32,
+        show_progress=False,
+    )
     assert summary.complete and summary.succeeded == 300
     assert_exactly_once(tmp_path / "out", [f"r{i}" for i in range(300)])
 
@@ -171,8 +216,9 @@ def test_plain_list_manifest_ids_are_line_numbers(client: Client, tmp_path: Path
     rows = texts(250)
     manifest = tmp_path / "texts.txt"
     manifest.write_text("\n".join(rows[:100]) + "\n\n" + "\n".join(rows[100:]) + "\n")
-    summary = backfill(client, str(manifest), MODEL, out=str(tmp_path / "out"), chunk=25,
-                       show_progress=False)
+    summary = backfill(
+        client, str(manifest), MODEL, out=str(tmp_path / "out"), chunk=25, show_progress=False
+    )
     assert summary.complete and summary.succeeded == 250
     line_numbers = [str(n) for n in range(1, 101)] + [str(n) for n in range(102, 252)]
     assert_exactly_once(tmp_path / "out", line_numbers)
@@ -266,12 +312,22 @@ def test_s3_manifest_to_s3_output(
     s3.put_object(Bucket="photos", Key="batch1/broken.png", Body=b"not a png")
     own = Client(settings.model_copy(update={"broker_url": broker, "s3_endpoint_url": s3_endpoint}))
 
-    summary = backfill(own, "s3://photos/batch1/", "tiny-vit", {"top_k": 1}, out="s3://photos/results",
-                       chunk=8, max_in_flight=16, show_progress=False)
+    summary = backfill(
+        own,
+        "s3://photos/batch1/",
+        "tiny-vit",
+        {"top_k": 1},
+        out="s3://photos/results",
+        chunk=8,
+        max_in_flight=16,
+        show_progress=False,
+    )
     assert summary.complete and (summary.succeeded, summary.failed) == (40, 1)
     listed = s3.list_objects_v2(Bucket="photos", Prefix="results/")["Contents"]
     assert {o["Key"] for o in listed} == {
-        "results/part-00000.jsonl", "results/failed-00000.jsonl", "results/summary.json"
+        "results/part-00000.jsonl",
+        "results/failed-00000.jsonl",
+        "results/summary.json",
     }
 
     def lines(key: str) -> list[dict[str, Any]]:
@@ -285,6 +341,15 @@ def test_s3_manifest_to_s3_output(
     assert broken["id"] == "s3://photos/batch1/broken.png"
     assert broken["error"]["type"] == "DecodeError"
     # Resuming a finished S3 output does nothing more.
-    again = backfill(own, "s3://photos/batch1/", "tiny-vit", {"top_k": 1}, out="s3://photos/results",
-                     chunk=8, max_in_flight=16, resume=True, show_progress=False)
+    again = backfill(
+        own,
+        "s3://photos/batch1/",
+        "tiny-vit",
+        {"top_k": 1},
+        out="s3://photos/results",
+        chunk=8,
+        max_in_flight=16,
+        resume=True,
+        show_progress=False,
+    )
     assert (again.skipped, again.jobs, again.complete) == (41, 0, True)

@@ -12,7 +12,9 @@ from config.errors import ModelError
 from worker.batcher import Batcher, WorkItem, take_batch
 
 
-def _items(values: list[int], *, group: str = "g", rank: int = 0, start: float = 0.0) -> list[WorkItem]:
+def _items(
+    values: list[int], *, group: str = "g", rank: int = 0, start: float = 0.0
+) -> list[WorkItem]:
     return [
         WorkItem(part=v, group=group, call=None, length=v, lane_rank=rank, enqueued_at=start + i)
         for i, v in enumerate(values)

@@ -18,10 +18,17 @@ import pytest
 from producer.cli import parse_input, parse_param
 
 
-def _pipeq(*args: str, cwd: Path, env: dict[str, str], timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+def _pipeq(
+    *args: str, cwd: Path, env: dict[str, str], timeout_s: float = 300
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "producer.cli", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
     )
 
 
@@ -33,7 +40,7 @@ def _embedded_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 def test_parse_param_reads_json_where_it_parses() -> None:
     assert parse_param("top_k=2") == ("top_k", 2)
-    assert parse_param("candidate_labels=[\"a\", \"b\"]") == ("candidate_labels", ["a", "b"])
+    assert parse_param('candidate_labels=["a", "b"]') == ("candidate_labels", ["a", "b"])
     assert parse_param("language=en") == ("language", "en")
 
 
@@ -44,14 +51,24 @@ def test_parse_input(tmp_path: Path) -> None:
     assert parse_input("s3://bucket/key.jpg") == {"s3": "s3://bucket/key.jpg"}
     assert parse_input(str(image)) == {"path": str(image.resolve())}
     assert parse_input("just some text") == "just some text"
-    assert parse_input('{"data": "aGk=", "mime": "text/plain"}') == {"data": "aGk=", "mime": "text/plain"}
+    assert parse_input('{"data": "aGk=", "mime": "text/plain"}') == {
+        "data": "aGk=",
+        "mime": "text/plain",
+    }
 
 
 def test_demo_runs_every_task_offline(tmp_path: Path) -> None:
     """The README's first command, after set-up: `pipeq demo` on the embedded broker."""
     result = _pipeq("demo", cwd=tmp_path, env=_embedded_env(tmp_path), timeout_s=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for model in ("minilm", "tiny-sentiment", "tiny-zeroshot", "tiny-vit", "tiny-whisper", "tiny-docqa"):
+    for model in (
+        "minilm",
+        "tiny-sentiment",
+        "tiny-zeroshot",
+        "tiny-vit",
+        "tiny-whisper",
+        "tiny-docqa",
+    ):
         assert model in result.stdout
     assert "succeeded" in result.stdout and "cosine similarity" in result.stdout
 
@@ -68,7 +85,10 @@ def test_up_serves_jobs_on_the_embedded_broker(tmp_path: Path, model_dir: Path) 
     log = (tmp_path / "up.log").open("w")
     up = subprocess.Popen(
         [sys.executable, "-m", "producer.cli", "up", "--port", str(port), "--gpus", "cpu"],
-        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=90) as http:
@@ -76,7 +96,9 @@ def test_up_serves_jobs_on_the_embedded_broker(tmp_path: Path, model_dir: Path) 
             job = None
             while time.monotonic() < deadline and job is None:
                 try:
-                    response = http.post("/v1/jobs", json={"model": "tiny-sentiment", "inputs": ["a fine day"]})
+                    response = http.post(
+                        "/v1/jobs", json={"model": "tiny-sentiment", "inputs": ["a fine day"]}
+                    )
                     job = response.json()["id"]
                 except httpx.TransportError:
                     assert up.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
@@ -88,7 +110,17 @@ def test_up_serves_jobs_on_the_embedded_broker(tmp_path: Path, model_dir: Path) 
         # The same job read back by `pipeq submit`'s sibling machinery: the CLI on the same data dir.
         listed = _pipeq("models", cwd=tmp_path, env=env)
         assert json.loads(listed.stdout)["tiny-sentiment"]["task"] == "text-classification"
-        submitted = _pipeq("submit", "tiny-sentiment", "what a film", "--param", "top_k=2", "--wait", "60", cwd=tmp_path, env=env)
+        submitted = _pipeq(
+            "submit",
+            "tiny-sentiment",
+            "what a film",
+            "--param",
+            "top_k=2",
+            "--wait",
+            "60",
+            cwd=tmp_path,
+            env=env,
+        )
         assert submitted.returncode == 0, submitted.stderr[-2000:]
         printed = json.loads(submitted.stdout)
         assert printed["status"] == "succeeded" and len(printed["outputs"][0]) == 2
@@ -103,11 +135,15 @@ def test_bad_registry_is_refused_with_the_field_named(tmp_path: Path) -> None:
     bad.write_text("models:\n  m:\n    task: text-classification\n    model: x\n    max_batch: 4\n")
     result = _pipeq("models", cwd=tmp_path, env=_embedded_env(tmp_path, PIPEQ_MODELS=str(bad)))
     assert result.returncode == 2
-    assert "models.m.max_batch" in result.stderr and "Extra inputs are not permitted" in result.stderr
+    assert (
+        "models.m.max_batch" in result.stderr and "Extra inputs are not permitted" in result.stderr
+    )
 
 
 @pytest.mark.parametrize("value", ["not-a-number"])
 def test_bad_setting_is_refused(tmp_path: Path, value: str) -> None:
-    result = _pipeq("models", cwd=tmp_path, env=_embedded_env(tmp_path, PIPEQ_MAX_MEDIA_BYTES=value))
+    result = _pipeq(
+        "models", cwd=tmp_path, env=_embedded_env(tmp_path, PIPEQ_MAX_MEDIA_BYTES=value)
+    )
     assert result.returncode == 2
     assert "max_media_bytes" in result.stderr

@@ -4,7 +4,6 @@ equals pipeline() on the same input alone; concurrent jobs never cross-wire; bad
 from __future__ import annotations
 
 import base64
-import io
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,26 +43,41 @@ def media(media_dir: Path) -> dict[str, Path]:
     rng = np.random.default_rng(7)
     for name, seconds in [("short", 1.5), ("long", 4.0)]:
         path = media_dir / f"{name}.wav"
-        sf.write(path, (rng.standard_normal(int(16_000 * seconds)) * 0.1).astype(np.float32), 16_000)
+        sf.write(
+            path, (rng.standard_normal(int(16_000 * seconds)) * 0.1).astype(np.float32), 16_000
+        )
         files[name] = path
     (media_dir / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n definitely not an image")
     files["corrupt"] = media_dir / "corrupt.png"
     return files
 
 
-def _run(client: Client, model: str, inputs: list[Any], params: dict[str, Any] | None = None) -> Any:
+def _run(
+    client: Client, model: str, inputs: list[Any], params: dict[str, Any] | None = None
+) -> Any:
     job_id = client.submit(model, inputs, params or {})
     doc = client.wait(job_id, timeout_s=120)
     assert doc.status == "succeeded", doc
     return doc
 
 
-def _check(settings: Settings, model: str, queued: list[Any], local: list[Any], params: dict[str, Any], client: Client) -> None:
+def _check(
+    settings: Settings,
+    model: str,
+    queued: list[Any],
+    local: list[Any],
+    params: dict[str, Any],
+    client: Client,
+) -> None:
     doc = _run(client, model, queued, params)
     pipe = reference_pipeline(settings.models, model)
     assert doc.errors == [None] * len(queued)
     for i, item in enumerate(local):
-        want = pipe(**item, **params) if isinstance(item, dict) and "question" in item else pipe(item, **params)
+        want = (
+            pipe(**item, **params)
+            if isinstance(item, dict) and "question" in item
+            else pipe(item, **params)
+        )
         assert_close(doc.outputs[i], want, where=f"{model} input {i}")
 
 
@@ -83,30 +97,61 @@ class TestEveryTaskMatchesPipeline:
         params = {"candidate_labels": ["price", "service", "books"]}
         _check(settings, "tiny-zeroshot", TEXTS, TEXTS, params, client)
 
-    def test_image_classification(self, settings: Settings, client: Client, media: dict[str, Path]) -> None:
+    def test_image_classification(
+        self, settings: Settings, client: Client, media: dict[str, Path]
+    ) -> None:
         paths = [media["img0"], media["img1"], media["img2"]]
         inline = {"data": base64.b64encode(paths[2].read_bytes()).decode(), "mime": "image/png"}
         queued = [{"path": str(p)} for p in paths] + [inline]
-        local = [Image.open(p).convert("RGB") for p in paths] + [Image.open(paths[2]).convert("RGB")]
+        local = [Image.open(p).convert("RGB") for p in paths] + [
+            Image.open(paths[2]).convert("RGB")
+        ]
         _check(settings, "tiny-vit", queued, local, {"top_k": 3}, client)
 
-    def test_speech_recognition(self, settings: Settings, client: Client, media: dict[str, Path]) -> None:
+    def test_speech_recognition(
+        self, settings: Settings, client: Client, media: dict[str, Path]
+    ) -> None:
         queued = [{"path": str(media["short"])}, {"path": str(media["long"])}]
         for params in ({}, {"return_timestamps": True}):
             # The pipeline pops keys from the dict it is given: a fresh one per call.
-            local = [{"raw": sf.read(media[n], dtype="float32")[0], "sampling_rate": 16_000} for n in ("short", "long")]
+            local = [
+                {"raw": sf.read(media[n], dtype="float32")[0], "sampling_rate": 16_000}
+                for n in ("short", "long")
+            ]
             _check(settings, "tiny-whisper", queued, local, params, client)
 
-    def test_document_question_answering(self, settings: Settings, client: Client, media: dict[str, Path]) -> None:
-        boxes = [["invoice", [10, 10, 50, 20]], ["number", [60, 10, 100, 20]], ["1234", [110, 10, 150, 20]]]
-        queued = [{"image": {"path": str(media["img2"])}, "question": "what is the invoice number?", "word_boxes": boxes}]
-        local = [{"image": Image.open(media["img2"]).convert("RGB"), "question": queued[0]["question"], "word_boxes": boxes}]
+    def test_document_question_answering(
+        self, settings: Settings, client: Client, media: dict[str, Path]
+    ) -> None:
+        boxes = [
+            ["invoice", [10, 10, 50, 20]],
+            ["number", [60, 10, 100, 20]],
+            ["1234", [110, 10, 150, 20]],
+        ]
+        queued = [
+            {
+                "image": {"path": str(media["img2"])},
+                "question": "what is the invoice number?",
+                "word_boxes": boxes,
+            }
+        ]
+        local = [
+            {
+                "image": Image.open(media["img2"]).convert("RGB"),
+                "question": queued[0]["question"],
+                "word_boxes": boxes,
+            }
+        ]
         _check(settings, "tiny-docqa", queued, local, {}, client)
 
 
 @pytest.mark.usefixtures("session_worker")
-def test_fifty_concurrent_jobs_each_get_their_own_answer(settings: Settings, client: Client) -> None:
-    texts = [f"{' '.join(['good'] * (i % 7 + 1))} movie number {i} {'bad ' * (i % 3)}" for i in range(50)]
+def test_fifty_concurrent_jobs_each_get_their_own_answer(
+    settings: Settings, client: Client
+) -> None:
+    texts = [
+        f"{' '.join(['good'] * (i % 7 + 1))} movie number {i} {'bad ' * (i % 3)}" for i in range(50)
+    ]
     with ThreadPoolExecutor(16) as pool:
         ids = list(pool.map(lambda t: client.submit("tiny-features", [t]), texts))
     pipe = reference_pipeline(settings.models, "tiny-features")
@@ -129,7 +174,11 @@ def test_bad_inputs_fail_alone(client: Client, media: dict[str, Path], media_dir
     assert doc.status == "succeeded"
     assert doc.outputs[0] and doc.outputs[4]
     assert [e.type if e else None for e in doc.errors] == [
-        None, "DecodeError", "MediaNotFound", "UnsafeReference", None
+        None,
+        "DecodeError",
+        "MediaNotFound",
+        "UnsafeReference",
+        None,
     ]
     assert doc.outputs[1:4] == [None, None, None]
     # The worker keeps serving.
@@ -145,7 +194,9 @@ def test_sigkilled_worker_loses_no_queued_job(
     own = Client(settings.model_copy(update={"broker_url": broker}))
     ids = [own.submit("tiny-sentiment", [f"text {i} " * (i % 20 + 1)]) for i in range(300)]
     env = {"PIPEQ_BROKER_URL": broker}
-    victim = start_worker("--concurrency", "4", "--models", "tiny-sentiment", name="victim@%h", env=env)
+    victim = start_worker(
+        "--concurrency", "4", "--models", "tiny-sentiment", name="victim@%h", env=env
+    )
     while own.get(ids[0]).status != "succeeded":
         time.sleep(0.01)
     victim.stop(signal.SIGKILL)

@@ -13,11 +13,23 @@ from worker.fast_postprocess import ImageClassificationPostprocess
 
 @pytest.fixture(scope="module")
 def vit(model_dir: Path):  # type: ignore[no-untyped-def]
-    return pipeline("image-classification", model=str(model_dir / "models" / "tiny-vit"), device="cpu")
+    return pipeline(
+        "image-classification", model=str(model_dir / "models" / "tiny-vit"), device="cpu"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("params", [{}, {"top_k": 1}, {"top_k": 3}, {"top_k": 1000}, {"function_to_apply": "sigmoid"}, {"function_to_apply": "none", "top_k": 5}])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"top_k": 1},
+        {"top_k": 3},
+        {"top_k": 1000},
+        {"function_to_apply": "sigmoid"},
+        {"function_to_apply": "none", "top_k": 5},
+    ],
+)
 def test_same_answer_as_the_library(vit, dtype: torch.dtype, params: dict) -> None:  # type: ignore[no-untyped-def]
     fast = ImageClassificationPostprocess(vit)
     _, _, post = vit._sanitize_parameters(**params)

@@ -479,8 +479,6 @@ def test_corrupt_audio_is_decode_error(loader: MediaLoader) -> None:
         loader.load(inline(b"RIFF\0\0\0\0WAVEgarbage" * 10), "audio")
 
 
-
-
 def ffmpeg_encode(tmp_path: Path, name: str, *codec: str) -> bytes:
     out = tmp_path / name
     source = ["-f", "lavfi", "-i", "sine=frequency=440:duration=1:sample_rate=44100"]

@@ -30,8 +30,12 @@ def test_lost_message_is_published_again(settings: Settings) -> None:
     lost = client.submit("tiny-sentiment", ["lost in transit"], priority="bulk")
     kept = client.submit("tiny-sentiment", ["still queued"], priority="bulk")
     sweeper = LostJobSweeper(
-        records, broker, client.send, [("tiny-sentiment", "bulk")],
-        client.celery.conf.broker_transport_options, grace_s=5,
+        records,
+        broker,
+        client.send,
+        [("tiny-sentiment", "bulk")],
+        client.celery.conf.broker_transport_options,
+        grace_s=5,
     )
     now = time.time()
     # While the queue holds messages nothing can be told lost, however old.

@@ -71,7 +71,9 @@ def take_batch(pending: list[WorkItem], limit: int) -> list[WorkItem]:
     """Remove and return the next batch from `pending` (see the module docstring)."""
     anchor = min(pending, key=lambda item: (item.lane_rank, item.enqueued_at))
     group = [item for item in pending if item.group == anchor.group]
-    group.sort(key=lambda item: (item.lane_rank, abs(item.length - anchor.length), item.enqueued_at))
+    group.sort(
+        key=lambda item: (item.lane_rank, abs(item.length - anchor.length), item.enqueued_at)
+    )
     batch = [anchor, *(item for item in group if item is not anchor)][:limit]
     chosen = set(map(id, batch))
     pending[:] = [item for item in pending if id(item) not in chosen]
@@ -192,7 +194,12 @@ class Batcher:
             if len(batch) > 1:
                 self._limit = max(1, min(self._limit, len(batch) // 2))
                 self._limit_restores_at = time.monotonic() + self._oom_cooldown_s
-                log.warning("%s: out of memory at batch %d; limit now %d", self.name, len(batch), self._limit)
+                log.warning(
+                    "%s: out of memory at batch %d; limit now %d",
+                    self.name,
+                    len(batch),
+                    self._limit,
+                )
         elif len(batch) == 1:
             log.info("%s: input failed in forward: %r", self.name, exc)
             batch[0].future.set_exception(ModelError(f"{type(exc).__name__}: {exc}"))

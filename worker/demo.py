@@ -54,12 +54,18 @@ def write_demo_media(folder: Path) -> dict[str, Path]:
     ImageDraw.Draw(image).rectangle((40, 40, 200, 160), fill="darkblue")
     image.save(folder / "shapes.png")
     seconds = np.arange(16_000 * 3) / 16_000
-    sf.write(folder / "tone.wav", (0.3 * np.sin(2 * math.pi * 440 * seconds)).astype(np.float32), 16_000)
+    sf.write(
+        folder / "tone.wav", (0.3 * np.sin(2 * math.pi * 440 * seconds)).astype(np.float32), 16_000
+    )
     return {"image": folder / "shapes.png", "audio": folder / "tone.wav"}
 
 
 def sample_jobs(media: dict[str, Path]) -> list[tuple[str, list[Any], dict[str, Any]]]:
-    boxes = [["invoice", [10, 10, 60, 20]], ["number", [70, 10, 120, 20]], ["A-1234", [130, 10, 190, 20]]]
+    boxes = [
+        ["invoice", [10, 10, 60, 20]],
+        ["number", [70, 10, 120, 20]],
+        ["A-1234", [130, 10, 190, 20]],
+    ]
     return [
         ("minilm", ["A man is eating food.", "Someone is having a meal."], {}),
         ("tiny-sentiment", ["what a wonderful film", "the delivery was late again"], {}),
@@ -68,7 +74,13 @@ def sample_jobs(media: dict[str, Path]) -> list[tuple[str, list[Any], dict[str, 
         ("tiny-whisper", [{"path": str(media["audio"])}], {"return_timestamps": True}),
         (
             "tiny-docqa",
-            [{"image": {"path": str(media["image"])}, "question": "What is the invoice number?", "word_boxes": boxes}],
+            [
+                {
+                    "image": {"path": str(media["image"])},
+                    "question": "What is the invoice number?",
+                    "word_boxes": boxes,
+                }
+            ],
             {},
         ),
     ]
@@ -77,7 +89,9 @@ def sample_jobs(media: dict[str, Path]) -> list[tuple[str, list[Any], dict[str, 
 def summarize(model: str, output: Any) -> str:
     if model == "minilm":
         vectors = [np.asarray(o)[0].mean(axis=0) for o in output]
-        cosine = float(vectors[0] @ vectors[1] / np.linalg.norm(vectors[0]) / np.linalg.norm(vectors[1]))
+        cosine = float(
+            vectors[0] @ vectors[1] / np.linalg.norm(vectors[0]) / np.linalg.norm(vectors[1])
+        )
         return f"{len(vectors)} embeddings of {vectors[0].shape[0]} dims; cosine similarity {cosine:.3f}"
     return str(output)[:160]
 
@@ -112,12 +126,17 @@ def run_demo(settings: Settings) -> int:
     worker = start_worker(env)
     try:
         client = Client(demo_settings)
-        ids = [(model, client.submit(model, inputs, params)) for model, inputs, params in sample_jobs(media)]
+        ids = [
+            (model, client.submit(model, inputs, params))
+            for model, inputs, params in sample_jobs(media)
+        ]
         for model, job_id in ids:
             doc = client.wait(job_id, timeout_s=120)
             output = summarize(model, doc.outputs) if doc.status == "succeeded" else doc.errors
             run_s = doc.timings.get("run_s", 0)
-            console.print(f"[bold]{model}[/bold] {doc.status} in {run_s:.2f} s: {output}", soft_wrap=True)
+            console.print(
+                f"[bold]{model}[/bold] {doc.status} in {run_s:.2f} s: {output}", soft_wrap=True
+            )
         return 0 if all(client.get(job_id).status == "succeeded" for _, job_id in ids) else 1
     finally:
         worker.send_signal(signal.SIGTERM)

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
-
 from transformers.pipelines.base import Pipeline
 
 from config.errors import ConfigError, DecodeError, MediaTooLarge
@@ -62,12 +61,20 @@ class GpuImagePipeline(StagedPipeline):
             raise DecodeError("not an image format Pillow recognises") from exc
         width, height = header.size
         if width * height > (Image.MAX_IMAGE_PIXELS or 2**31):
-            raise MediaTooLarge(f"image of {width}x{height} pixels is over the decompression-bomb limit")
+            raise MediaTooLarge(
+                f"image of {width}x{height} pixels is over the decompression-bomb limit"
+            )
         encoded = torch.frombuffer(bytearray(item), dtype=torch.uint8)
         if header.format == "JPEG":
             return [{"jpeg": encoded}]
         try:
-            return [{"pixels": decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)}]
+            return [
+                {
+                    "pixels": decode_image(
+                        encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True
+                    )
+                }
+            ]
         except RuntimeError as exc:
             raise DecodeError(f"cannot decode {header.format} image: {exc}") from exc
 

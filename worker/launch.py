@@ -103,7 +103,12 @@ def supervise(
         for plan, child in list(children.items()):
             code = child.poll()
             if code is not None and not stopping:
-                log.error("worker %s exited with %s; restarting in %.0f s", plan.hostname, code, restart_delay_s)
+                log.error(
+                    "worker %s exited with %s; restarting in %.0f s",
+                    plan.hostname,
+                    code,
+                    restart_delay_s,
+                )
                 time.sleep(restart_delay_s)
                 children[plan] = start(plan)
         if stopping and all(child.poll() is not None for child in children.values()):

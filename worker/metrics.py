@@ -10,18 +10,28 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 JOBS = Counter("pipeq_jobs", "Jobs finished, by model and status", ["model", "status"])
-INPUTS = Counter("pipeq_inputs", "Inputs finished, by model and outcome (ok or error type)", ["model", "outcome"])
+INPUTS = Counter(
+    "pipeq_inputs", "Inputs finished, by model and outcome (ok or error type)", ["model", "outcome"]
+)
 BATCH_SIZE = Histogram("pipeq_batch_size", "Items per forward pass", ["model"], buckets=BATCH_SIZES)
 ITEMS_FORWARDED = Counter("pipeq_items_forwarded", "Items through forward passes", ["model"])
 STAGE_SECONDS = Histogram(
-    "pipeq_stage_seconds", "Time in each stage: fetch, preprocess, forward, postprocess, store",
-    ["model", "stage"], buckets=SECONDS,
+    "pipeq_stage_seconds",
+    "Time in each stage: fetch, preprocess, forward, postprocess, store",
+    ["model", "stage"],
+    buckets=SECONDS,
 )
 QUEUE_WAIT = Histogram(
-    "pipeq_queue_wait_seconds", "From submission to the worker taking the job", ["model", "lane"], buckets=SECONDS
+    "pipeq_queue_wait_seconds",
+    "From submission to the worker taking the job",
+    ["model", "lane"],
+    buckets=SECONDS,
 )
 BATCH_WAIT = Histogram(
-    "pipeq_batch_wait_seconds", "From an item being prepared to its forward pass", ["model"], buckets=SECONDS
+    "pipeq_batch_wait_seconds",
+    "From an item being prepared to its forward pass",
+    ["model"],
+    buckets=SECONDS,
 )
 EXPIRED = Counter(
     "pipeq_inputs_expired",
@@ -34,7 +44,9 @@ CACHE = Counter(
 )
 OOM_SPLITS = Counter("pipeq_oom_splits", "Batches split after running out of GPU memory", ["model"])
 LOAD_SECONDS = Gauge("pipeq_pipeline_load_seconds", "Time to load and warm a model", ["model"])
-GPU_MEMORY = Gauge("pipeq_gpu_memory_bytes", "GPU memory allocated by this worker (current, peak)", ["kind"])
+GPU_MEMORY = Gauge(
+    "pipeq_gpu_memory_bytes", "GPU memory allocated by this worker (current, peak)", ["kind"]
+)
 
 
 class BatchMetrics:

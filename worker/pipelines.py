@@ -94,7 +94,9 @@ class StagedPipeline:
         self.spec = spec
         self.pipe = pipe
         self.chunked = isinstance(pipe, ChunkPipeline)
-        processor = pipe.feature_extractor if pipe.feature_extractor is not None else pipe.image_processor
+        processor = (
+            pipe.feature_extractor if pipe.feature_extractor is not None else pipe.image_processor
+        )
         self._collate = pad_collate_fn(pipe.tokenizer, processor)
         self._postprocess: Any = pipe.postprocess
         if spec.task == "image-classification":
@@ -189,7 +191,9 @@ def _staged_class(spec: ModelSpec) -> type[StagedPipeline]:
     if not spec.gpu_preprocess:
         return StagedPipeline
     if spec.task != "image-classification":
-        raise ConfigError(f"{spec.name}: gpu_preprocess is implemented for image-classification only")
+        raise ConfigError(
+            f"{spec.name}: gpu_preprocess is implemented for image-classification only"
+        )
     from worker.gpu_images import GpuImagePipeline
 
     return GpuImagePipeline

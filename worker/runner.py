@@ -170,9 +170,7 @@ class JobRunner:
         for item in job.inputs:
             served.permits.acquire()
             prepared.append(
-                self._prefetch.submit(
-                    self._prepare, served, item, call, rank, expires_at, progress
-                )
+                self._prefetch.submit(self._prepare, served, item, call, rank, expires_at, progress)
             )
         outputs: list[Any] = []
         errors: list[ErrorInfo | None] = []

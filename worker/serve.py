@@ -115,7 +115,9 @@ def serve(
     app = create_worker_app(settings, runner, names)
     lanes = [(name, lane) for lane in LANES for name in names]
     stop_beating = _beat(runner.ledger, hostname, lanes, served, settings.lease_s / 3)
-    sweeper = _sweeper(settings, runner.records, Client(settings, registry=registry, celery=app), lanes)
+    sweeper = _sweeper(
+        settings, runner.records, Client(settings, registry=registry, celery=app), lanes
+    )
 
     @worker_ready.connect(weak=False)
     def announce(sender: Any, **_: Any) -> None:

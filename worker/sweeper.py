@@ -30,7 +30,9 @@ from producer.records import RedisRecords
 log = logging.getLogger(__name__)
 
 REPUBLISHED = Counter(
-    "pipeq_jobs_republished", "Queued jobs whose message was lost and was published again", ["model"]
+    "pipeq_jobs_republished",
+    "Queued jobs whose message was lost and was published again",
+    ["model"],
 )
 _LOCK = "pipeq:sweeper"
 _BATCH = 1000
