@@ -15,8 +15,8 @@ from config.settings import Settings
 from producer.jobs import Input, JobDocument, JobMessage, JobRequest, Lane, Webhook
 from producer.ledger import admit, open_ledger
 from producer.records import JobRecords, open_records
+from producer.stores import ResultStores
 from producer.webhooks import publish_for
-from worker.stores import ResultStores
 
 
 class Client:

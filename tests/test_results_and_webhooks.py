@@ -32,10 +32,10 @@ from config.settings import Settings
 from producer.api import create_app
 from producer.client import Client
 from producer.jobs import JobDocument
+from producer.stores import ResultStores
 from producer.webhooks import DeadLetters, verify
 from tests.conftest import REDIS, WorkerProcess
 from tests.parity import assert_close, reference_pipeline
-from worker.stores import ResultStores
 
 BROKER_DB, RESULT_DB = 10, 11
 BUCKET = "pipeq-results"

@@ -40,8 +40,8 @@ from config.errors import ConfigError, FetchFailed, UnsafeReference
 from config.settings import Settings
 from producer.jobs import FINAL_STATUSES, JobDocument
 from producer.records import JobRecords, open_records
+from producer.stores import ResultStores
 from producer.webhooks import DeadLetter, DeadLetters, WebhookDelivery, publish_for
-from worker.stores import ResultStores
 from worker.urlguard import check_peer, checked_url
 
 log = logging.getLogger(__name__)

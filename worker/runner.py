@@ -24,13 +24,13 @@ from config.settings import Settings
 from producer.jobs import Input, JobDocument, JobMessage, JobProgress
 from producer.ledger import QueueLedger
 from producer.records import JobRecords
+from producer.stores import ResultStores
 from worker.batcher import LANE_RANK, Batcher, WorkItem
 from worker.media import MediaLoader
 from worker.metrics import CACHE, EXPIRED, INPUTS, JOBS, QUEUE_WAIT, STAGE_SECONDS, BatchMetrics
 from worker.pipelines import CallParams, StagedPipeline
 from worker.progress import ProgressTracker
 from worker.result_cache import MISS, ResultCache, cache_key
-from worker.stores import ResultStores
 
 log = logging.getLogger(__name__)
 
