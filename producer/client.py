@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -100,7 +101,8 @@ class Client:
             for m in messages
         ]
         fingerprints = [request.fingerprint() for request in requests]
-        bodies = [message.model_dump_json() for message in messages]
+        # json.dumps escapes what UTF-8 cannot hold (a lone surrogate in a text), as kombu does.
+        bodies = [json.dumps(message.model_dump(mode="json")) for message in messages]
         existing = self.records.create_many(list(zip(queued, fingerprints, bodies, strict=True)))
         results: list[tuple[JobDocument, bool]] = []
         fresh: list[JobMessage] = []

@@ -13,6 +13,7 @@ runs it, and the other finds it running or done and is dropped.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -67,7 +68,7 @@ class LostJobSweeper:
             stale = self._records.stale_pending(model, lane, now - self._grace_s, _BATCH)
             bodies = self._records.republishable(model, lane, stale, now) if stale else []
             if bodies:
-                self._send([JobMessage.model_validate_json(body) for body in bodies])
+                self._send([JobMessage.model_validate(json.loads(body)) for body in bodies])
                 REPUBLISHED.labels(model).inc(len(bodies))
                 log.warning("published %d lost %s job(s) of %s again", len(bodies), lane, model)
             republished += len(bodies)
