@@ -205,3 +205,43 @@ def test_sigkilled_worker_loses_no_queued_job(
     start_worker("--concurrency", "8", "--models", "tiny-sentiment", name="rescuer@%h", env=env)
     docs = [own.wait(job_id, timeout_s=90) for job_id in ids]
     assert [d.status for d in docs] == ["succeeded"] * len(ids)
+
+
+def test_identical_references_in_a_job_are_fetched_once(
+    start_worker: Any, worker_env: dict[str, str], settings: Settings, media: dict[str, Path]
+) -> None:
+    """Three inputs, two of them the same URL: two fetches, and the twins' answers are equal."""
+    import http.server
+    import threading
+
+    hits: list[str] = []
+    body = media["img0"].read_bytes()
+
+    class Images(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("content-type", "image/png")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Images)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    broker = worker_env["PIPEQ_BROKER_URL"].rsplit("/", 1)[0] + "/5"
+    redis.Redis.from_url(broker).flushdb()
+    env = {"PIPEQ_BROKER_URL": broker, "PIPEQ_ALLOW_PRIVATE_URLS": "true"}
+    start_worker("--models", "tiny-vit", name="fetcher@%h", env=env)
+    own = Client(settings.model_copy(update={"broker_url": broker}))
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    inputs = [{"url": f"{base}/a.png"}, {"url": f"{base}/b.png"}, {"url": f"{base}/a.png"}]
+    try:
+        doc = own.wait(own.submit("tiny-vit", inputs), timeout_s=120)
+    finally:
+        server.shutdown()
+    assert doc.status == "succeeded" and doc.errors == [None, None, None]
+    assert sorted(hits) == ["/a.png", "/b.png"]
+    assert doc.outputs[0] == doc.outputs[2]

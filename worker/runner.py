@@ -167,15 +167,26 @@ class JobRunner:
             return *_fail_all(count, ModelError(f"invalid params {job.params}: {exc}")), 0
         rank = LANE_RANK[job.lane]
         prepared = []
+        # Identical inputs of one job are fetched, run and postprocessed once.
+        first: dict[str, Future[_Prepared]] = {}
         for item in job.inputs:
-            served.permits.acquire()
-            prepared.append(
-                self._prefetch.submit(self._prepare, served, item, call, rank, expires_at, progress)
-            )
+            key = item if isinstance(item, str) else item.model_dump_json()
+            if key not in first:
+                served.permits.acquire()
+                first[key] = self._prefetch.submit(
+                    self._prepare, served, item, call, rank, expires_at, progress
+                )
+            prepared.append(first[key])
         outputs: list[Any] = []
         errors: list[ErrorInfo | None] = []
+        answered: dict[int, tuple[Any, ErrorInfo | None]] = {}
         cached = 0
         for future in prepared:
+            if id(future) in answered:
+                output, error = answered[id(future)]
+                outputs.append(output)
+                errors.append(error)
+                continue
             try:
                 ready = future.result()
                 if ready.cached is not MISS:
@@ -197,6 +208,7 @@ class JobRunner:
                 log.exception("postprocess failed in job %s", job.id)
                 outputs.append(None)
                 errors.append(ModelError(f"{type(exc).__name__}: {exc}").to_info())
+            answered[id(future)] = (outputs[-1], errors[-1])
         return outputs, errors, cached
 
     def _remember(self, served: ServedModel, key: str | None, output: Any) -> None:
