@@ -61,28 +61,29 @@ def assert_exactly_once(out: Path, ids: list[str]) -> None:
 
 
 def test_jsonl_manifest_every_input_once(client: Client, tmp_path: Path) -> None:
-    ids = write_jsonl(tmp_path / "manifest.jsonl", 2_000)
+    """The issue's size: 20,000 inputs in bulk jobs of 200 (about 35 s on a loaded 2-core VM)."""
+    ids = write_jsonl(tmp_path / "manifest.jsonl", 20_000)
     out = tmp_path / "out"
     summary = backfill(
         client,
         str(tmp_path / "manifest.jsonl"),
         MODEL,
         out=str(out),
-        chunk=50,
-        max_in_flight=1_000,
+        chunk=200,
+        max_in_flight=10_000,
         show_progress=False,
     )
     assert_exactly_once(out, ids)
-    assert (summary.succeeded, summary.failed, summary.complete) == (2_000, 0, True)
+    assert (summary.succeeded, summary.failed, summary.complete) == (20_000, 0, True)
     done = records(out, "part")
     assert all({"label", "score"} == set(r["output"][0]) for r in done), done[0]
     # An output is what the same input gives as a job of its own.
     by_id = {r["id"]: r["output"] for r in done}
-    direct = client.wait(client.submit(MODEL, [texts(2_000)[7]]))
+    direct = client.wait(client.submit(MODEL, [texts(20_000)[7]]))
     assert direct.outputs is not None
     assert by_id["doc-7"][0]["label"] == direct.outputs[0][0]["label"]
     assert by_id["doc-7"][0]["score"] == pytest.approx(direct.outputs[0][0]["score"], abs=1e-4)
-    assert json.loads((out / "summary.json").read_text())["succeeded"] == 2_000
+    assert json.loads((out / "summary.json").read_text())["succeeded"] == 20_000
     # Collected jobs leave nothing behind in the result store.
     results = redis.Redis.from_url(client.settings.effective_result_url)
     assert not list(results.scan_iter("pipeq:job:bf-*"))
