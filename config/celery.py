@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
@@ -94,6 +95,10 @@ def make_celery(settings: Settings) -> Celery:
     app = Celery("pipeq", broker=broker_url, amqp=QuorumAMQP if amqp else None)
     if broker_url.startswith(("redis://", "rediss://")):
         app.conf.broker_transport = "config.redis_transport:Transport"
+    if broker_url.startswith("rediss://") and "ssl_cert_reqs" not in broker_url:
+        # With its transport named, kombu no longer turns rediss:// into TLS by itself: verify
+        # the server's certificate unless the URL says otherwise.
+        app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     if amqp:
         # RabbitMQ has no queue_order_strategy: a worker consumes its interactive and bulk queues
         # side by side (docs/scaling.md). Quorum queues have no global QoS; Celery sees them

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 
 
@@ -25,6 +26,16 @@ class Channel(kombu_redis.Channel):
         if client is None or client.connection_pool is not self.pool:
             client = self._shared_client = super()._create_client()
         return client
+
+    def _get_pool(self, asynchronous: bool = False) -> Any:
+        # When the broker goes away Celery closes the channel, and kombu, putting the unacked
+        # messages back, rebuilds a pool from a connection already gone: an AttributeError that
+        # Celery treats as fatal (the worker exits). A connection error makes it reconnect, and
+        # the unacked messages come back through the visibility timeout
+        # (tests/reliability/test_redis_restart.py).
+        if self.connection.client is None:
+            raise redis.ConnectionError("the broker connection is closed")
+        return super()._get_pool(asynchronous)
 
 
 class Transport(kombu_redis.Transport):

@@ -94,18 +94,9 @@ class Producer(threading.Thread):
             time.sleep(0.02)
 
 
-# Found by this test: the worker exits ("Unrecoverable error: AttributeError: 'NoneType' object has
-# no attribute 'hostname'") when Redis goes away while it holds unacked jobs. On connection loss
-# Celery closes the connection; kombu's Redis Channel.close() disconnects its pools, then the
-# virtual Channel.close() restores the unacked messages through conn_or_acquire -> pool ->
-# _get_pool -> _connparams, whose transport.client is None by then; the AttributeError is not a
-# connection error, so Celery does not retry and the worker dies. Fix (config/redis_transport.py):
-# raise redis.ConnectionError from Channel._get_pool when self.connection.client is None; with it
-# this test passes (250 accepted, 57 refused while down, all succeeded 5 s after the restart).
-@pytest.mark.xfail(
-    reason="worker dies on broker loss in Channel.close (config/redis_transport.py fix pending)",
-    strict=False,
-)
+# Found by this test: the worker exited ("Unrecoverable error: AttributeError") when Redis went
+# away while it held unacked jobs; config/redis_transport.py's Channel._get_pool now raises a
+# connection error instead, and Celery reconnects.
 def test_redis_restart_loses_no_accepted_job(
     start_worker: Any, own_redis: DurableRedis, own_env: dict[str, str], own_client: Client
 ) -> None:
