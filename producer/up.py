@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import signal
@@ -13,12 +14,24 @@ import uvicorn
 from config.settings import Settings
 from producer.api import create_app
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent() -> None:
+    # uvicorn re-raises the SIGTERM it caught once it has shut down, which ends this process
+    # before a `finally` could stop the children: the kernel tells them instead (Linux).
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
 
 def run_up(settings: Settings, host: str, port: int, gpus: str) -> int:
     pipeq = [sys.executable, "-m", "producer.cli"]
-    children = [subprocess.Popen([*pipeq, "worker", "--gpus", gpus], env=dict(os.environ))]
+    commands = [[*pipeq, "worker", "--gpus", gpus]]
     if importlib.util.find_spec("flower") is not None:
-        children.append(subprocess.Popen([*pipeq, "flower"], env=dict(os.environ)))
+        commands.append([*pipeq, "flower"])
+    children = [
+        subprocess.Popen(command, env=dict(os.environ), preexec_fn=_stop_with_parent)
+        for command in commands
+    ]
     broker = settings.broker_url or f"embedded ({settings.data_dir / 'broker'})"
     print(f"pipeq up: API on http://{host}:{port}, broker {broker}", flush=True)
     try:

@@ -128,6 +128,26 @@ def test_up_serves_jobs_on_the_embedded_broker(tmp_path: Path, model_dir: Path) 
         up.send_signal(signal.SIGTERM)
         up.wait(60)
         log.close()
+    # Nothing `pipeq up` started outlives it.
+    deadline = time.monotonic() + 60
+    while _children_of_data_dir(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _children_of_data_dir(tmp_path)
+
+
+def _children_of_data_dir(tmp_path: Path) -> list[str]:
+    """pipeq processes whose environment names this test's data dir (the worker, Flower)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes()
+            cmdline = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().split()[2]
+        except (OSError, IndexError):
+            continue
+        if b"producer.cli" in cmdline and str(tmp_path).encode() in environ and state != "Z":
+            found.append(proc.name)
+    return found
 
 
 def test_bad_registry_is_refused_with_the_field_named(tmp_path: Path) -> None:
