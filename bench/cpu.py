@@ -70,7 +70,7 @@ def main() -> None:
     model_dir = build_model(work / "model")
     (work / "models.yaml").write_text(
         "models:\n  classify:\n    task: text-classification\n"
-        f"    model: {model_dir}\n    device: cpu\n    max_batch_size: 32\n    max_wait_ms: 5\n"
+        f"    model: {model_dir}\n    device: cpu\n    max_batch_size: 32\n"
     )
     pipeq_db, naive_db = f"{args.redis}/9", f"{args.redis}/8"
     for url in (pipeq_db, naive_db):

@@ -46,7 +46,12 @@ class ModelSpec(BaseModel):
     pipeline_kwargs: dict[str, Any] = Field(default_factory=dict)
     params: dict[str, Any] = Field(default_factory=dict, description="Default call params.")
     max_batch_size: int = Field(default=32, ge=1, le=4096)
-    max_wait_ms: float = Field(default=5.0, ge=0)
+    max_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="How long the oldest item may wait for a fuller batch. 0: a batch starts as "
+        "soon as the model is free, and the next one fills while it runs (best at low load).",
+    )
     cache_ttl_s: int | None = Field(
         default=None,
         gt=0,

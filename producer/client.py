@@ -221,16 +221,14 @@ class Client:
         return self.results.load(doc, presign)
 
     def wait(self, job_id: str, timeout_s: float = 60.0) -> JobDocument:
-        """Poll until the job is finished or `timeout_s` passes; return the latest record."""
+        """Block until the job is finished or `timeout_s` passes; return the latest record."""
         deadline = time.monotonic() + timeout_s
-        # Start fast (most jobs finish in milliseconds), back off to the configured interval.
-        interval_s = 0.002
         while True:
             doc = self.get(job_id)
-            if doc.done or time.monotonic() >= deadline:
+            remaining_s = deadline - time.monotonic()
+            if doc.done or remaining_s <= 0:
                 return doc
-            time.sleep(min(interval_s, max(0.0, deadline - time.monotonic())))
-            interval_s = min(interval_s * 1.5, self.settings.wait_poll_interval_s)
+            self.records.wait_finished(job_id, remaining_s)
 
     def cancel(self, job_id: str) -> tuple[JobDocument, bool]:
         """Cancel a job that has not started. Returns (record, cancelled)."""

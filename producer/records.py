@@ -10,13 +10,15 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
 
 from producer.jobs import JobDocument
 
 _KEY = "pipeq:job:"
+_DONE = "pipeq:done:"
+_DONE_TTL_S = 60
 
 # KEYS[1] record, KEYS[2] its lane's pending set; ARGV[1] new status, ARGV[2] new doc, ARGV[3] ttl,
 # ARGV[4] job id, ARGV[5..] allowed from-states. Leaving `queued` drops the job from the pending set
@@ -75,6 +77,9 @@ class JobRecords(Protocol):
 
     def put(self, doc: JobDocument) -> None:
         """Write unconditionally (a finished job's result; idempotent by id)."""
+
+    def wait_finished(self, job_id: str, timeout_s: float) -> None:
+        """Return when the job may have finished, or after `timeout_s`: callers re-read."""
 
     def ping(self) -> None: ...
 
@@ -166,6 +171,10 @@ class RedisRecords:
         if result is None:
             return False, None
         changed, raw = result
+        if changed and doc.done:
+            pipe = self._redis.pipeline()
+            self._signal_finished(pipe, doc.id)
+            pipe.execute()
         return bool(changed), None if raw is None else JobDocument.model_validate_json(raw)
 
     def put(self, doc: JobDocument) -> None:
@@ -173,7 +182,26 @@ class RedisRecords:
         pipe = self._redis.pipeline()
         pipe.hset(key, mapping={"status": doc.status, "doc": doc.model_dump_json()})
         pipe.expire(key, self._ttl_s)
+        if doc.done:
+            self._signal_finished(pipe, doc.id)
         pipe.execute()
+
+    @staticmethod
+    def _signal_finished(pipe: Any, job_id: str) -> None:
+        # One token in a list that expires: a waiter's BLPOP wakes at once, and it puts the
+        # token back for the next (wait_finished). Polling would cost each waiter its interval.
+        pipe.lpush(_DONE + job_id, 1)
+        pipe.expire(_DONE + job_id, _DONE_TTL_S)
+
+    def wait_finished(self, job_id: str, timeout_s: float) -> None:
+        # Under the connection's socket timeout (10 s); callers loop until their deadline.
+        seconds = min(timeout_s, 5.0)
+        if seconds <= 0:
+            return
+        if self._redis.blpop([_DONE + job_id], timeout=seconds) is not None:
+            pipe = self._redis.pipeline()
+            self._signal_finished(pipe, job_id)
+            pipe.execute()
 
     def ping(self) -> None:
         self._redis.ping()
@@ -248,6 +276,9 @@ class SqliteRecords:
             "status = excluded.status, doc = excluded.doc, expires_at = excluded.expires_at",
             (doc.id, doc.status, doc.model_dump_json(), time.time() + self._ttl_s),
         )
+
+    def wait_finished(self, job_id: str, timeout_s: float) -> None:
+        time.sleep(min(max(timeout_s, 0.0), 0.01))
 
     def ping(self) -> None:
         self._db().execute("SELECT 1")
