@@ -20,20 +20,8 @@ from producer.client import Client
 from tests.parity import reference_pipeline
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-gradio_app = pytest.importorskip("producer.gradio_app")
-playwright_api = pytest.importorskip("playwright.sync_api")
+from producer.gradio_app import build_app  # noqa: E402 - gradio reads the variable at import
 
-CHROMIUM = "/usr/bin/chromium"
-# Without the background-networking flags Chromium keeps dialling Google on this closed network.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 DOCS_PNG = Path(__file__).resolve().parents[1] / "docs" / "gradio.png"
 RESULT_TIMEOUT_MS = 60_000
 
@@ -44,25 +32,13 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"{CHROMIUM} missing: apt-get install chromium (.ci/setup does)")
-    with playwright_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
-        yield chromium
-        chromium.close()
-
-
 @pytest.fixture
 def serve(client: Client, session_worker: Any) -> Iterator[Callable[[str], str]]:
     """Start `model`'s page in this process (gradio's own server thread); return its URL."""
     apps: list[Any] = []
 
     def start(model: str) -> str:
-        app = gradio_app.build_app(client, model)
+        app = build_app(client, model)
         apps.append(app)
         port = _free_port()
         app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)

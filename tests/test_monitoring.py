@@ -23,6 +23,7 @@ import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from playwright.sync_api import Error as PlaywrightError
 
 from config.celery import RUN_TASK, queue_name
 from config.settings import Settings
@@ -30,21 +31,7 @@ from producer.api import create_app
 from producer.client import Client
 from producer.queue_depth import priority_keys
 
-CHROMIUM = "/usr/bin/chromium"
-# Without the background-networking flags Chromium keeps dialling Google on this closed network.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 DOCS_PNG = Path(__file__).resolve().parents[1] / "docs" / "flower.png"
-
-playwright_api = pytest.importorskip("playwright.sync_api")
-pytest.importorskip("flower")
 
 
 def _free_port() -> int:
@@ -94,18 +81,6 @@ def flower(
     yield Flower(url, "ops", password, log_path)
     proc.terminate()
     proc.wait(30)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"{CHROMIUM} missing: apt-get install chromium (.ci/setup does)")
-    with playwright_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
-        yield chromium
-        chromium.close()
 
 
 def _page_until(page: Any, url: str, pattern: str, timeout_s: float = 30) -> str:
@@ -191,7 +166,7 @@ def test_flower_shows_pipeq_worker_and_finished_job(
 def test_flower_refuses_without_credentials(flower: Flower, browser: Any) -> None:
     context = browser.new_context()
     page = context.new_page()
-    with pytest.raises(playwright_api.Error, match="ERR_INVALID_AUTH_CREDENTIALS"):
+    with pytest.raises(PlaywrightError, match="ERR_INVALID_AUTH_CREDENTIALS"):
         page.goto(f"{flower.url}/workers")  # headless Chromium has no prompt: the 401 is final
     page = context.new_page()  # the first one is busy showing its error page
     page.goto(f"{flower.url}/healthcheck")

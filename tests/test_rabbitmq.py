@@ -39,18 +39,6 @@ KILL_MODEL = "kill-sentiment"
 AMQP_WORKER = f"amqp@{socket.gethostname()}"
 
 
-def _rabbitmq_up() -> bool:
-    try:
-        with Connection(AMQP, connect_timeout=3) as conn:
-            conn.connect()
-        return True
-    except Exception:  # noqa: BLE001 - any failure means: no broker to test against
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _rabbitmq_up(), reason=f"no RabbitMQ at {AMQP}")
-
-
 @pytest.fixture(scope="module")
 def amqp_env(
     worker_env: dict[str, str], model_dir: Path, tmp_path_factory: pytest.TempPathFactory
