@@ -163,3 +163,19 @@ def browser() -> Iterator[Any]:
         )
         yield chromium
         chromium.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(monkeypatch_session: pytest.MonkeyPatch) -> Iterator[str]:
+    """moto's S3 server on loopback (server mode: real HTTP, real boto3); yields its endpoint.
+    Modules create the buckets they need."""
+    from moto.server import ThreadedMotoServer
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch_session.setenv(key, "testing")
+    monkeypatch_session.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

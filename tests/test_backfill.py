@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ import boto3
 import numpy as np
 import pytest
 import redis
-from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from config.settings import Settings
@@ -259,24 +257,8 @@ S3_BROKER_DB = 11  # its own broker database: only the S3-aware worker below tak
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    credentials = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {name: os.environ.get(name) for name in credentials}
-    os.environ.update(credentials)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+def s3_endpoint(s3_server: str) -> str:
+    return s3_server
 
 
 def png(seed: int) -> bytes:

@@ -29,7 +29,6 @@ import httpx
 import numpy as np
 import pytest
 import soundfile
-from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from config.errors import (
@@ -300,29 +299,12 @@ def test_redirect_between_public_hops_is_followed() -> None:
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    credentials = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {name: os.environ.get(name) for name in credentials}
-    os.environ.update(credentials)
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    host, port = moto.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    bucket = boto3.client("s3", endpoint_url=endpoint)
+def s3_endpoint(s3_server: str) -> str:
+    bucket = boto3.client("s3", endpoint_url=s3_server)
     bucket.create_bucket(Bucket="media")
     bucket.put_object(Bucket="media", Key="dir/cat.png", Body=IMAGE)
     bucket.put_object(Bucket="media", Key="big.bin", Body=b"\0" * 200_000)
-    yield endpoint
-    moto.stop()
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    return s3_server
 
 
 def test_s3_object_is_read(s3_endpoint: str) -> None:

@@ -23,7 +23,6 @@ import pytest
 import redis
 from celery.contrib.testing.worker import start_worker
 from fastapi.testclient import TestClient
-from moto.server import ThreadedMotoServer
 from standardwebhooks.webhooks import Webhook
 
 from config.celery import make_celery
@@ -129,16 +128,9 @@ class Receiver:
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint(monkeypatch_session: pytest.MonkeyPatch) -> Iterator[str]:
-    for key, value in AWS.items():
-        monkeypatch_session.setenv(key, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
-    yield endpoint
-    server.stop()
+def s3_endpoint(s3_server: str) -> str:
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=BUCKET)
+    return s3_server
 
 
 @pytest.fixture(scope="module")

@@ -32,23 +32,12 @@ class RedisServer:
         self._workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
 
+    persistence = ["--save", "", "--appendonly", "no"]
+
     def start(self) -> RedisServer:
         self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--maxmemory-policy",
-                "noeviction",
-                "--dir",
-                str(self._workdir),
-            ],
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", *self.persistence]
+            + ["--maxmemory-policy", "noeviction", "--dir", str(self._workdir)],
             stdout=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
@@ -56,7 +45,7 @@ class RedisServer:
             try:
                 redis.Redis.from_url(self.url).ping()
                 return self
-            except redis.ConnectionError:
+            except redis.ConnectionError:  # also "LOADING" while a durable one replays its file
                 time.sleep(0.05)
         raise RuntimeError(f"redis-server on {self.port} did not start")
 

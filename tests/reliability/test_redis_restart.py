@@ -12,7 +12,6 @@ anyway)."""
 from __future__ import annotations
 
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -39,21 +38,7 @@ REFUSED = (redis.RedisError, OperationalError, StoreError, OSError)
 class DurableRedis(RedisServer):
     """`RedisServer` with an fsync-always append-only file in its workdir; `kill` crashes it."""
 
-    def start(self) -> DurableRedis:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-            + ["--appendonly", "yes", "--appendfsync", "always"]
-            + ["--maxmemory-policy", "noeviction", "--dir", str(self._workdir)],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                redis.Redis.from_url(self.url).ping()
-                return self
-            except redis.ConnectionError:  # also "LOADING" while it replays the file
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server on {self.port} did not start")
+    persistence = ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
 
     def kill(self) -> None:
         assert self.proc is not None
