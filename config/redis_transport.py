@@ -1,23 +1,163 @@
-"""kombu's Redis transport, reusing its synchronous clients.
+"""kombu's Redis transport, claiming many messages per round trip and acking in batches.
 
-kombu builds a new `redis.Redis` for every publish, ack and queue read (`Channel._create_client`);
-with redis-py 8 each construction costs ~130 µs (it rebuilds its response-callback table). On a
-busy worker that was 60% of the consumer thread's time (py-spy, sampling the GIL holder), and the
-consumer thread is what feeds the batcher. A `redis.Redis` over a connection pool is safe to share
-between threads, so each channel keeps one per pool. The asynchronous clients (BRPOP, pub/sub)
-hold a dedicated connection and are left as kombu makes them.
+Claims: kombu's consumer takes one message per BRPOP and then writes its unacked entry in a second
+round trip, so a worker spends two round trips per message on its consumer thread. Here, once a
+BRPOP answers, one server-side script (`CLAIM`) pops up to the channel's free prefetch credit from
+the same queues and, in the same call, writes each message's unacked entry exactly as kombu's
+`QoS.append` does (hash `unacked`: tag -> [payload, exchange, routing key]; sorted set
+`unacked_index`: tag -> claim time), so kombu's `restore_visible` and pipeq's lease renewal
+treat them like any other delivery (tests/test_redis_transport.py pins the format).
+
+Acks: kombu removes each acked message from both indices in a round trip of its own; here acks
+are buffered and removed in one pipeline per `ACK_FLUSH_MS` or per `ACK_BATCH` tags. An ack still
+in the buffer when the process dies only means the message comes back after the lease, and a
+redelivered job whose record is final is not run again (worker/runner.py).
+
+Clients: kombu builds a new `redis.Redis` for every publish, ack and queue read
+(`Channel._create_client`); with redis-py 8 each construction costs ~130 µs. A `redis.Redis`
+over a connection pool is safe to share between threads, so each channel keeps one per pool.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from typing import Any
 
 import redis
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import loads
+
+log = logging.getLogger(__name__)
+
+# Messages one claim may pop: bounds the script's time on the server (~2 µs a message).
+CLAIM_LIMIT = 512
+ACK_BATCH = 256
+ACK_FLUSH_MS = 2.0
+
+# KEYS[1] unacked hash, KEYS[2] unacked index, KEYS[3..] queue lists in claim order.
+# ARGV[1] most messages to take, ARGV[2] now. Returns {list key, payload, ...}.
+# A payload that is not kombu's JSON envelope is returned without an unacked entry (the consumer
+# rejects it), so one malformed message cannot abort a claim half-written.
+CLAIM = """
+local want = tonumber(ARGV[1])
+local out = {}
+for i = 3, #KEYS do
+  if want <= 0 then break end
+  local got = redis.call('RPOP', KEYS[i], want)
+  if got then
+    for _, raw in ipairs(got) do
+      local ok, msg = pcall(cjson.decode, raw)
+      local props = ok and type(msg) == 'table' and msg['properties']
+      if type(props) == 'table' and type(props['delivery_tag']) == 'string' then
+        local info = props['delivery_info']
+        if type(info) ~= 'table' then info = {} end
+        local tag = props['delivery_tag']
+        redis.call('HSET', KEYS[1], tag, '[' .. raw .. ',' .. cjson.encode(info['exchange'] or '')
+          .. ',' .. cjson.encode(info['routing_key'] or '') .. ']')
+        redis.call('ZADD', KEYS[2], ARGV[2], tag)
+      end
+      out[#out + 1] = KEYS[i]
+      out[#out + 1] = raw
+    end
+    want = want - #got
+  end
+end
+return out
+"""
+
+
+class QoS(kombu_redis.QoS):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._acks: list[str] = []
+        self._acks_lock = threading.Lock()
+        self._flush_timer: threading.Timer | None = None
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if self.channel.claimed.pop(delivery_tag, None) is not None:
+            # The claim script wrote the unacked entry: only the in-memory bookkeeping is left.
+            virtual.QoS.append(self, message, delivery_tag)
+        else:
+            super().append(message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        with self._acks_lock:
+            self._acks.append(delivery_tag)
+            full = len(self._acks) >= ACK_BATCH
+            if not full and self._flush_timer is None:
+                self._flush_timer = threading.Timer(ACK_FLUSH_MS / 1000, self.flush_acks)
+                self._flush_timer.daemon = True
+                self._flush_timer.start()
+        if full:
+            self.flush_acks()
+        virtual.QoS.ack(self, delivery_tag)
+
+    def flush_acks(self) -> None:
+        with self._acks_lock:
+            tags, self._acks = self._acks, []
+            timer, self._flush_timer = self._flush_timer, None
+        if timer is not None:
+            timer.cancel()
+        if not tags or self.channel.closed:
+            return
+        with self.channel.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            pipe.zrem(self.unacked_index_key, *tags)
+            pipe.hdel(self.unacked_key, *tags)
+            pipe.execute()
+
+    def restore_unacked(self, client: Any = None) -> None:
+        self.flush_acks()
+        super().restore_unacked(client)
 
 
 class Channel(kombu_redis.Channel):
+    QoS = QoS
     _shared_client: Any = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Tags the claim script has written unacked entries for, until QoS.append sees them.
+        self.claimed: dict[str, bool] = {}
+        self._claim_script: Any = None
+
+    def close(self) -> None:
+        if not self.closed:
+            self.qos.flush_acks()
+        super().close()
+
+    def _brpop_read(self, **options: Any) -> bool:
+        delivered: bool = super()._brpop_read(**options)
+        if delivered:
+            self._claim_more()
+        return delivered
+
+    def _claim_more(self) -> None:
+        """After a BRPOP's one message, take what else is waiting, up to the free credit."""
+        credit = self.qos.can_consume_max_estimate()
+        want = CLAIM_LIMIT if credit is None else min(credit, CLAIM_LIMIT)
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if want <= 0 or not queues:
+            return
+        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        with self.conn_or_acquire() as client:
+            if self._claim_script is None:
+                self._claim_script = client.register_script(CLAIM)
+            found = self._claim_script(
+                keys=[self.unacked_key, self.unacked_index_key, *keys],
+                args=[want, time.time()],
+                client=client,
+            )
+        for key, raw in zip(found[::2], found[1::2], strict=True):
+            payload = _envelope(raw)
+            if payload is None:
+                log.error("dropped a message that is not a kombu envelope from %s", key)
+                continue
+            self.claimed[payload["properties"]["delivery_tag"]] = True
+            self.connection._deliver(payload, key.decode().rsplit(self.sep, 1)[0])
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
@@ -36,6 +176,17 @@ class Channel(kombu_redis.Channel):
         if self.connection.client is None:
             raise redis.ConnectionError("the broker connection is closed")
         return super()._get_pool(asynchronous)
+
+
+def _envelope(raw: bytes) -> Any:
+    """kombu's message envelope, or None for a payload without one (the script wrote no
+    unacked entry for it)."""
+    try:
+        payload = loads(raw)
+        payload["properties"]["delivery_tag"]  # noqa: B018 - the key the consumer needs
+    except (ValueError, KeyError, TypeError):
+        return None
+    return payload
 
 
 class Transport(kombu_redis.Transport):
