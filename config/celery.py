@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Mapping
 from typing import Any
@@ -62,6 +63,29 @@ class QuorumAMQP(AMQP):
         return super().Queues(queues, *args, **kwargs)
 
 
+class TaskSummaryOnly(logging.Filter):
+    """Celery logs each task received and each success at INFO with its arguments and return
+    value in the record (`pipeq.run`'s are the job message and document: inputs, outputs,
+    webhook URLs and their tokens), in the message for a success and in `extra` for handlers
+    that print it. This drops them, leaving the task's name, id (the job id), run time and any
+    error; the worker logs the job's status itself."""
+
+    _DROP = frozenset({"args", "kwargs", "return_value"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = record.args
+        if isinstance(context, Mapping) and "id" in context and "name" in context:
+            kept = {key: value for key, value in context.items() if key not in self._DROP}
+            if "return_value" in context:
+                record.msg = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
+            record.args = kept
+            record.data = kept
+        return True
+
+
+_TASK_SUMMARY_ONLY = TaskSummaryOnly()
+
+
 def _broker(settings: Settings) -> tuple[str, dict[str, object]]:
     if settings.broker_url is None:
         folder = (settings.data_dir / "broker").resolve()
@@ -90,6 +114,8 @@ def _broker(settings: Settings) -> tuple[str, dict[str, object]]:
 
 
 def make_celery(settings: Settings) -> Celery:
+    for logger in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(logger).addFilter(_TASK_SUMMARY_ONLY)  # once: filters are a set
     broker_url, transport_options = _broker(settings)
     amqp = is_amqp(broker_url)
     app = Celery("pipeq", broker=broker_url, amqp=QuorumAMQP if amqp else None)

@@ -6,7 +6,8 @@
     │   ├── UnknownModel          the job names a model the registry does not hold
     │   ├── JobNotFound           no job with this id (never existed, or its TTL ran out)
     │   ├── JobConflict           the id exists with another body, or the job cannot change state
-    │   ├── PayloadTooLarge       inline data over PIPEQ_MAX_MEDIA_BYTES
+    │   ├── PayloadTooLarge       inline data, a text or a request body over its cap
+    │   ├── InvalidParams         a call param outside the task's allow-list (config/params.py)
     │   └── Overloaded            the model's lane is over PIPEQ_MAX_BACKLOG or too slow for the deadline
     ├── InputError                one input failed; the job's other inputs go on
     │   ├── MediaError            a media reference could not be read
@@ -15,8 +16,13 @@
     │   │   ├── MediaTimeout      the remote end was too slow
     │   │   ├── UnsafeReference   private address, path outside PIPEQ_MEDIA_ROOTS, bad scheme
     │   │   └── FetchFailed       any other transport failure (5xx after retries, TLS, DNS)
+    │   │       └── UnsupportedEncoding  a Content-Encoding not decoded under the cap (stacked)
+    │   ├── TextTooLong           a text input or document question over PIPEQ_MAX_TEXT_CHARS
     │   ├── DecodeError           bytes that are not the media the model's task needs
     │   ├── ModelError            the pipeline raised on this input
+    │   ├── OcrTimeout            Tesseract ran past PIPEQ_OCR_TIMEOUT_S on this document
+    │   ├── OutOfMemory           preparing the input passed the worker's memory bound
+    │   ├── PoisonJob             the job's workers died on each of its PIPEQ_MAX_DELIVERIES runs
     │   └── Expired               the input was not started before the job's deadline
     ├── StoreError                a result could not be written to or read back from S3
     └── WebhookError              webhooks: delivery set-up or verification
@@ -70,7 +76,12 @@ class JobConflict(JobError):
 
 
 class PayloadTooLarge(JobError):
-    """Inline data larger than PIPEQ_MAX_MEDIA_BYTES."""
+    """Inline data over PIPEQ_MAX_MEDIA_BYTES, a text over PIPEQ_MAX_TEXT_CHARS, or a request
+    body over PIPEQ_MAX_REQUEST_BYTES."""
+
+
+class InvalidParams(JobError):
+    """A call param the task does not accept, of the wrong type, or out of its range."""
 
 
 class Overloaded(JobError):
@@ -115,12 +126,35 @@ class FetchFailed(MediaError):
     retryable = True
 
 
+class UnsupportedEncoding(FetchFailed):
+    """The server sent a Content-Encoding that pipeq does not decode in bounded steps: stacked
+    layers, or one other than gzip and deflate (pipeq asks for identity)."""
+
+    retryable = False
+
+
+class TextTooLong(InputError):
+    """A text input, or a document's question and words, longer than PIPEQ_MAX_TEXT_CHARS."""
+
+
 class DecodeError(InputError):
     """The bytes are not media the model's task can use."""
 
 
 class ModelError(InputError):
     """The pipeline raised on this input."""
+
+
+class OcrTimeout(InputError):
+    """Tesseract did not finish this document within PIPEQ_OCR_TIMEOUT_S."""
+
+
+class OutOfMemory(InputError):
+    """Preparing this input needed more memory than PIPEQ_WORKER_MEMORY_HEADROOM_MB leaves."""
+
+
+class PoisonJob(InputError):
+    """The job was delivered PIPEQ_MAX_DELIVERIES times and its worker died each time."""
 
 
 class Expired(InputError):

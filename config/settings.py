@@ -76,7 +76,12 @@ class Settings(BaseSettings):
     webhook_secret: str | None = Field(
         default=None, description="whsec_<base64>; required by `pipeq webhooks worker`."
     )
-    webhook_timeout_s: float = Field(default=10.0, gt=0, description="One delivery attempt.")
+    webhook_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Deadline for one delivery attempt as a whole, however slowly the receiver "
+        "sends its answer.",
+    )
     webhook_retry_span_s: float = Field(
         default=86_400.0,
         gt=0,
@@ -86,11 +91,50 @@ class Settings(BaseSettings):
     webhook_backoff_first_s: float = Field(
         default=1.0, gt=0, description="The first retry delay; each next one doubles (jittered)."
     )
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated `key` or `key=whsec_<base64>` entries; each key is a tenant "
+        "with its own job ids, and one with a secret gets its webhooks signed with it.",
+    )
     allow_private_urls: bool = False
     media_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     max_media_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
-    media_timeout_s: float = Field(default=30.0, gt=0)
+    max_request_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description="Cap on one HTTP request body (413 above it, before it is read whole); "
+        "unset = one inline input of PIPEQ_MAX_MEDIA_BYTES as base64 plus 1 MiB.",
+    )
+    max_text_chars: int = Field(
+        default=100_000,
+        gt=0,
+        description="Cap on the characters of one text input, or of a document input's question "
+        "plus its word_boxes' words: 413 at submit, a TextTooLong input error in the worker.",
+    )
+    max_image_pixels: int = Field(
+        default=40_000_000,
+        gt=0,
+        description="Cap on width x height of an image before it is decoded (an A4 page at 300 "
+        "dpi is 8.7 MP); a JPEG over it is decoded at 1/2, 1/4 or 1/8 scale when that fits.",
+    )
+    max_audio_sample_rate: int = Field(
+        default=192_000, gt=0, description="Audio with a higher sample rate is refused."
+    )
+    max_audio_channels: int = Field(
+        default=8, gt=0, description="Audio with more channels is refused."
+    )
+    media_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Deadline for one URL fetch as a whole: every redirect hop, retry and body "
+        "byte, however slowly the server sends them. Also S3's connect and read timeouts.",
+    )
+    ocr_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Tesseract's time per document (document QA inputs sent without "
+        "word_boxes); past it that input fails with OcrTimeout.",
+    )
     flower_basic_auth: str | None = None
     wait_poll_interval_s: float = Field(default=0.05, gt=0)
     log_level: str = "INFO"
@@ -102,6 +146,24 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         default=9300, ge=0, description="Worker Prometheus port (+ GPU index); 0 = off."
     )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address the worker's Prometheus endpoint binds; 0.0.0.0 to let a scraper "
+        "on another host in.",
+    )
+    max_deliveries: int = Field(
+        default=3,
+        ge=1,
+        description="Times a job may be started; a job whose worker died on each of them fails "
+        "as PoisonJob on its next delivery instead of taking down another worker.",
+    )
+    worker_memory_headroom_mb: int = Field(
+        default=8192,
+        ge=0,
+        description="How far a worker process's private memory (RLIMIT_DATA) may grow past what "
+        "it held with its models loaded; an allocation past it fails the input being prepared "
+        "(OutOfMemory) instead of the kernel killing the worker. 0 = no bound.",
+    )
 
     _split_lists = field_validator("api_keys", "media_roots", mode="before")(_split_commas)
 
@@ -111,9 +173,35 @@ class Settings(BaseSettings):
         # Symlinks and `..` are resolved once here, so the per-path check is a prefix test.
         return [root.expanduser().resolve() for root in roots]
 
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_named(cls, entries: list[str]) -> list[str]:
+        # ConfigError, not ValueError: pydantic would print the value, keys and all. An empty
+        # key would let in a request that sends none.
+        if any(not entry.partition("=whsec_")[0] for entry in entries):
+            raise ConfigError("an entry of PIPEQ_API_KEYS has a webhook secret but no key")
+        return entries
+
+    @property
+    def api_key_secrets(self) -> dict[str, str | None]:
+        """Each API key and its own webhook secret (None: signed with PIPEQ_WEBHOOK_SECRET)."""
+        keys: dict[str, str | None] = {}
+        for entry in self.api_keys:
+            # Split at "=whsec_", not "=": a base64 key may end in "=" padding.
+            key, mark, secret = entry.partition("=whsec_")
+            keys[key] = f"whsec_{secret}" if mark else None
+        return keys
+
     @property
     def visibility_timeout_s(self) -> float:
         return self.lease_s
+
+    @property
+    def request_bytes_limit(self) -> int:
+        if self.max_request_bytes is not None:
+            return self.max_request_bytes
+        # Derived, so raising PIPEQ_MAX_MEDIA_BYTES alone keeps the largest inline input postable.
+        return 4 * -(-self.max_media_bytes // 3) + (1 << 20)
 
     def default_deadline_s(self, lane: str) -> float | None:
         return self.interactive_deadline_s if lane == "interactive" else self.bulk_deadline_s

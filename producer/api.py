@@ -18,6 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config.errors import (
+    InvalidParams,
     JobConflict,
     JobNotFound,
     Overloaded,
@@ -25,8 +26,9 @@ from config.errors import (
     StoreError,
     UnknownModel,
 )
+from producer.body_limit import BodyLimit
 from producer.client import Client
-from producer.jobs import JobAccepted, JobDocument, JobRequest
+from producer.jobs import JobAccepted, JobDocument, JobRequest, owner_of
 from producer.queue_depth import register_queue_depth
 
 MAX_WAIT_S = 60.0
@@ -34,15 +36,40 @@ MAX_WAIT_S = 60.0
 
 _ERRORS = {
     401: {"description": "Missing or wrong API key"},
-    404: {"description": "Unknown model or job"},
+    404: {"description": "Unknown model, or no job of this API key's with that id"},
     409: {"description": "Id reused with another body, or job past cancelling"},
-    413: {"description": "Inline data over PIPEQ_MAX_MEDIA_BYTES"},
-    422: {"description": "Malformed request"},
+    413: {
+        "description": "Inline data over PIPEQ_MAX_MEDIA_BYTES, a text over PIPEQ_MAX_TEXT_CHARS "
+        "or a body over PIPEQ_MAX_REQUEST_BYTES"
+    },
+    422: {"description": "Malformed request, or a param the model's task does not accept"},
     429: {
         "description": "The model's lane is over PIPEQ_MAX_BACKLOG or slower than deadline_s; see Retry-After"
     },
     503: {"description": "Broker or result store unavailable"},
 }
+
+
+def require_key(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> str | None:
+    """The caller's owner (`owner_of` its key); None when no keys are set (one user)."""
+    keys: list[str] = request.app.state.api_keys
+    if not keys:
+        return None
+    given = (x_api_key or (authorization or "").removeprefix("Bearer ").strip()).encode()
+    # Every key is compared, so the time taken does not say which one matched.
+    matched = [key for key in keys if hmac.compare_digest(given, key.encode())]
+    if not matched:
+        raise HTTPException(401, "missing or wrong API key (Authorization: Bearer <key>)")
+    return owner_of(matched[0])
+
+
+# Each key is a tenant: its job ids are its own (stored as `scoped_id(owner, id)`), and another
+# key's job answers 404, as a job that never existed does, so ids cannot be probed.
+Owner = Annotated[str | None, Depends(require_key)]
 
 
 def create_app(client: Client | None = None) -> FastAPI:  # noqa: C901 - the sum of small route closures, each simple
@@ -57,16 +84,10 @@ def create_app(client: Client | None = None) -> FastAPI:  # noqa: C901 - the sum
     )
     register_queue_depth(metrics, client)
     app = FastAPI(title="pipeq", version="0.1.0")
+    # Added first, so it runs inside count_requests and its 413s are counted too.
+    app.add_middleware(BodyLimit, max_bytes=settings.request_bytes_limit)
 
-    def require_key(
-        authorization: Annotated[str | None, Header()] = None,
-        x_api_key: Annotated[str | None, Header()] = None,
-    ) -> None:
-        if not settings.api_keys:
-            return
-        given = x_api_key or (authorization or "").removeprefix("Bearer ").strip()
-        if not any(hmac.compare_digest(given.encode(), key.encode()) for key in settings.api_keys):
-            raise HTTPException(401, "missing or wrong API key (Authorization: Bearer <key>)")
+    app.state.api_keys = list(settings.api_key_secrets)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Response:
@@ -106,14 +127,15 @@ def create_app(client: Client | None = None) -> FastAPI:  # noqa: C901 - the sum
         "/v1/jobs",
         status_code=202,
         response_model=JobAccepted,
-        dependencies=auth,
         responses={200: {"model": JobAccepted}, **_ERRORS},
     )
-    def submit(body: JobRequest) -> Any:
+    def submit(body: JobRequest, owner: Owner) -> Any:
         try:
-            doc, created = client.submit_request(body)
+            doc, created = client.submit_request(body, owner)
         except UnknownModel as exc:
             raise HTTPException(404, str(exc)) from exc
+        except InvalidParams as exc:
+            raise HTTPException(422, str(exc)) from exc
         except JobConflict as exc:
             raise HTTPException(409, str(exc)) from exc
         except PayloadTooLarge as exc:
@@ -122,46 +144,46 @@ def create_app(client: Client | None = None) -> FastAPI:  # noqa: C901 - the sum
             raise HTTPException(
                 429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}
             ) from exc
-        accepted = JobAccepted(id=doc.id, status=doc.status)
+        accepted = JobAccepted(id=doc.public_id, status=doc.status)
         return accepted if created else JSONResponse(accepted.model_dump(), status_code=200)
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobDocument, dependencies=auth, responses=_ERRORS)
+    @app.get("/v1/jobs/{job_id}", response_model=JobDocument, responses=_ERRORS)
     async def get_job(
         job_id: str,
+        owner: Owner,
         wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0,
         presign: Annotated[bool, Query(description="an https result_url for S3 results")] = False,
     ) -> JobDocument:
         deadline = time.monotonic() + wait
         while True:
             try:
-                doc = await run_in_threadpool(client.get, job_id, presign)
+                doc = await run_in_threadpool(client.get, job_id, presign, owner)
             except JobNotFound as exc:
                 raise HTTPException(404, str(exc)) from exc
             if doc.done or time.monotonic() >= deadline:
-                return doc
+                return doc.public()
             await asyncio.sleep(settings.wait_poll_interval_s)
 
     @app.delete(
         "/v1/jobs/{job_id}",
         status_code=202,
         response_model=JobDocument,
-        dependencies=auth,
         responses=_ERRORS,
     )
-    def cancel_job(job_id: str) -> Any:
+    def cancel_job(job_id: str, owner: Owner) -> Any:
         try:
-            doc, cancelled = client.cancel(job_id)
+            doc, cancelled = client.cancel(job_id, owner)
         except JobNotFound as exc:
             raise HTTPException(404, str(exc)) from exc
         if not cancelled:
             return JSONResponse(
                 {
                     "error": f"job {job_id} is {doc.status}; only queued jobs can be cancelled",
-                    "job": doc.model_dump(mode="json"),
+                    "job": doc.public().model_dump(mode="json"),
                 },
                 status_code=409,
             )
-        return doc
+        return doc.public()
 
     @app.get("/v1/models", dependencies=auth, responses=_ERRORS)
     def list_models() -> dict[str, Any]:

@@ -37,7 +37,7 @@ from rich.progress import (
 
 from config.errors import ErrorInfo, JobNotFound, Overloaded, UnknownModel
 from producer.client import Client
-from producer.jobs import JobDocument, JobRequest
+from producer.jobs import JobDocument, JobRequest, text_chars
 from producer.manifest import (
     INPUT,
     BadLine,
@@ -327,7 +327,9 @@ def backfill(
     summary = Summary(model=model, manifest=manifest, out=out)
     run = _Run(client, store, summary, max_in_flight)
     started = time.monotonic()
-    entries = read_manifest(manifest, manifest_format, column, s3)
+    entries = _refuse_long_texts(
+        read_manifest(manifest, manifest_format, column, s3), client.settings.max_text_chars
+    )
     with _progress_bar(show_progress) as bar, _stop_on_signals(run):
         run.progress = bar
         run.task = bar.add_task("backfill", total=count_entries(manifest), rate=0.0, failed=0)
@@ -381,6 +383,17 @@ def _feed(
             _show_rate(run, started)
         run.collect(wait=False)
     run.submit(pending)
+
+
+def _refuse_long_texts(entries: Iterable[Item | BadLine], limit: int) -> Iterator[Item | BadLine]:
+    # Submitting one would refuse its whole chunk (PayloadTooLarge); as a bad line it fails alone.
+    for entry in entries:
+        if isinstance(entry, Item) and (chars := text_chars(entry.input)) > limit:
+            yield BadLine(
+                entry.id, entry.line, f"{chars} characters of text, over PIPEQ_MAX_TEXT_CHARS"
+            )
+        else:
+            yield entry
 
 
 def _show_rate(run: _Run, started: float) -> None:

@@ -160,9 +160,9 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
 def cmd_gradio(args: argparse.Namespace) -> int:
     from producer.client import Client
-    from producer.gradio_app import build_app
+    from producer.gradio_app import launch_page
 
-    build_app(Client(), args.model).launch(server_name=args.host, server_port=args.port)
+    launch_page(Client(), args.model, args.host, args.port)
     return 0
 
 

@@ -11,9 +11,10 @@ from celery.canvas import Signature
 
 from config.celery import RUN_TASK, make_celery, queue_name
 from config.errors import JobConflict, JobNotFound, PayloadTooLarge, UnknownModel
+from config.params import check_params
 from config.registry import Registry, load_registry
 from config.settings import Settings
-from producer.jobs import Input, JobDocument, JobMessage, JobRequest, Lane, Webhook
+from producer.jobs import Input, JobDocument, JobMessage, JobRequest, Lane, Webhook, scoped_id
 from producer.ledger import admit, open_ledger
 from producer.records import JobRecords, open_records
 from producer.stores import ResultStores
@@ -71,15 +72,19 @@ class Client:
         [(doc, _)] = self.submit_many([request], link=link, link_error=link_error)
         return doc.id
 
-    def submit_request(self, request: JobRequest) -> tuple[JobDocument, bool]:
+    def submit_request(
+        self, request: JobRequest, owner: str | None = None
+    ) -> tuple[JobDocument, bool]:
         """Queue `request`; returns (record, created). A repeated id with the same body returns
-        the existing record and queues nothing; with another body it raises JobConflict."""
-        return self.submit_many([request])[0]
+        the existing record and queues nothing; with another body it raises JobConflict. With an
+        `owner` (the API key's hash, `owner_of`) the id is that owner's own (`scoped_id`)."""
+        return self.submit_many([request], owner=owner)[0]
 
     def submit_many(
         self,
         requests: list[JobRequest],
         *,
+        owner: str | None = None,
         link: Signature | None = None,
         link_error: Signature | None = None,
     ) -> list[tuple[JobDocument, bool]]:
@@ -87,7 +92,7 @@ class Client:
         Raises Overloaded (nothing queued) when a model's lane cannot take them now."""
         for request in requests:
             self._admit(request)
-        messages = [self._message(request) for request in requests]
+        messages = [self._message(request, owner) for request in requests]
         self._admit_load(messages)
         queued = [
             JobDocument(
@@ -97,6 +102,7 @@ class Client:
                 lane=m.lane,
                 timings={"submitted_at": m.submitted_at},
                 webhook=m.webhook,
+                owner=m.owner,
             )
             for m in messages
         ]
@@ -115,7 +121,7 @@ class Client:
                 results.append((doc, True))
             else:
                 if found[1] != fingerprint:
-                    conflicts.append(message.id)
+                    conflicts.append(doc.public_id)
                 results.append((found[0], False))
         self._publish_counted(fresh, link=link, link_error=link_error)
         if conflicts:
@@ -123,18 +129,26 @@ class Client:
         return results
 
     def _admit(self, request: JobRequest) -> None:
-        if self.registry.get(request.model) is None:
+        spec = self.registry.get(request.model)
+        if spec is None:
             raise UnknownModel(
                 f"unknown model {request.model!r}; this service has {', '.join(self.registry.models)}"
             )
+        check_params(spec.task, request.params, spec.params)
         if request.inline_bytes() > self.settings.max_media_bytes:
             raise PayloadTooLarge(
                 f"inline data of {request.inline_bytes()} bytes is over PIPEQ_MAX_MEDIA_BYTES "
                 f"({self.settings.max_media_bytes}); send a url or s3 reference instead"
             )
+        chars, index = request.longest_text()
+        if chars > self.settings.max_text_chars:
+            raise PayloadTooLarge(
+                f"input {index} holds {chars} characters of text, over PIPEQ_MAX_TEXT_CHARS "
+                f"({self.settings.max_text_chars}); split it into several inputs"
+            )
 
-    def _message(self, request: JobRequest) -> JobMessage:
-        message = request.to_message()
+    def _message(self, request: JobRequest, owner: str | None) -> JobMessage:
+        message = request.to_message(owner=owner)
         if message.deadline_s is None:
             default = self.settings.default_deadline_s(message.lane)
             message = message.model_copy(update={"deadline_s": default})
@@ -212,11 +226,12 @@ class Client:
                     kwargsrepr="{}",
                 )
 
-    def get(self, job_id: str, presign: bool = False) -> JobDocument:
+    def get(self, job_id: str, presign: bool = False, owner: str | None = None) -> JobDocument:
         """The job's record, with its outputs read back from S3 where they were stored there;
-        `presign` swaps such a job's `s3://` result_url for a presigned https URL."""
-        doc = self.records.get(job_id)
-        if doc is None:
+        `presign` swaps such a job's `s3://` result_url for a presigned https URL. With an
+        `owner`, `job_id` is that owner's id, and another owner's job is not found."""
+        doc = self.records.get(scoped_id(owner, job_id))
+        if doc is None or (owner is not None and doc.owner != owner):
             raise JobNotFound(f"no job {job_id!r} (never submitted, or its result expired)")
         return self.results.load(doc, presign)
 
@@ -230,9 +245,9 @@ class Client:
                 return doc
             self.records.wait_finished(job_id, remaining_s)
 
-    def cancel(self, job_id: str) -> tuple[JobDocument, bool]:
+    def cancel(self, job_id: str, owner: str | None = None) -> tuple[JobDocument, bool]:
         """Cancel a job that has not started. Returns (record, cancelled)."""
-        doc = self.get(job_id)
+        doc = self.get(job_id, owner=owner)
         changed, current = self.records.transition(
             doc.model_copy(update={"status": "cancelled"}), ("queued",)
         )

@@ -8,6 +8,8 @@ like any others. Uploaded media travels inline (base64), within PIPEQ_MAX_MEDIA_
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import mimetypes
 import os
 import time
@@ -174,6 +176,31 @@ def job_runner(
         yield (status_line(doc), *view.render(doc.outputs[0]))
 
     return run
+
+
+def api_key_auth(api_keys: list[str]) -> Callable[[str, str], bool] | None:
+    """Gradio's `auth` for a service with PIPEQ_API_KEYS: any user name, an API key as password.
+
+    The page submits through `Client`, straight to the queue, not through the API that checks
+    keys; without this a page on a keyed service would run anyone's jobs."""
+    if not api_keys:
+        return None
+    digests = [hashlib.sha256(key.encode()).digest() for key in api_keys]
+
+    def check(_user: str, password: str) -> bool:
+        given = hashlib.sha256(password.encode()).digest()
+        # Every key is compared, so the time taken does not say which one matched.
+        return sum(hmac.compare_digest(given, digest) for digest in digests) > 0
+
+    return check
+
+
+def launch_page(client: Client, model: str, host: str, port: int, **launch: Any) -> gr.Blocks:
+    """Serve `model`'s page on host:port, behind `api_key_auth` when the service has keys."""
+    app = build_app(client, model)
+    auth = api_key_auth(list(client.settings.api_key_secrets))
+    app.launch(server_name=host, server_port=port, auth=auth, **launch)
+    return app
 
 
 def build_app(client: Client, model: str, timeout_s: float = JOB_TIMEOUT_S) -> gr.Blocks:

@@ -16,6 +16,7 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from config.errors import ErrorInfo
 
@@ -40,6 +41,17 @@ def _depth(value: Any) -> int:
         if isinstance(item, list):
             stack.extend((child, level + 1) for child in item)
     return deepest
+
+
+def owner_of(api_key: str) -> str:
+    """The owner recorded on an API key's jobs: a hash, so no record or log holds the key."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:16]
+
+
+def scoped_id(owner: str | None, job_id: str) -> str:
+    """The stored id of a job: ids are per API key, so two keys may both submit "order-1" (and
+    the broker, worker, result store and dead letters keep one name per job without knowing)."""
+    return job_id if owner is None else f"{owner}:{job_id}"
 
 
 class UrlRef(BaseModel):
@@ -105,6 +117,17 @@ class DocumentInput(BaseModel):
 Input = str | MediaRef | DocumentInput
 
 
+def text_chars(item: Input) -> int:
+    """Characters of text an input hands the tokenizer: a string's, or a document's question
+    plus its words (each word box counted as at least one, since each becomes a token)."""
+    if isinstance(item, str):
+        return len(item)
+    if isinstance(item, DocumentInput):
+        words = sum(max(1, len(word)) for word, _ in item.word_boxes or [])
+        return len(item.question) + words
+    return 0
+
+
 class Webhook(BaseModel):
     model_config = _STRICT
     url: str
@@ -150,14 +173,19 @@ class JobRequest(BaseModel):
                 sizes.append(ref.decoded_size())
         return max(sizes)
 
+    def longest_text(self) -> tuple[int, int]:
+        """(characters, index) of the input with the most text (`text_chars`)."""
+        return max((text_chars(item), index) for index, item in enumerate(self.inputs))
+
     def fingerprint(self) -> str:
         """Stable hash of the body, so a repeated id can be told from a conflicting one."""
         body = self.model_dump(mode="json", exclude={"id"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
-    def to_message(self, job_id: str | None = None) -> JobMessage:
+    def to_message(self, job_id: str | None = None, owner: str | None = None) -> JobMessage:
         return JobMessage(
-            id=job_id or self.id or uuid.uuid4().hex,
+            id=scoped_id(owner, job_id or self.id or uuid.uuid4().hex),
+            owner=owner,
             model=self.model,
             inputs=self.inputs,
             params=self.params,
@@ -183,6 +211,8 @@ class JobMessage(BaseModel):
     store: Literal["redis", "s3"] = "redis"
     submitted_at: float
     deadline_s: float | None = None
+    # Left out while unset, so a message without an owner is what workers always read.
+    owner: str | None = Field(default=None, exclude_if=lambda owner: owner is None)
 
 
 class JobProgress(BaseModel):
@@ -216,10 +246,29 @@ class JobDocument(BaseModel):
     progress: JobProgress | None = Field(
         default=None, description="Parts forwarded so far; updated every ~0.5 s while running."
     )
+    deliveries: int | None = Field(
+        default=None,
+        ge=0,
+        description="How many times a worker took this job; one past PIPEQ_MAX_DELIVERIES, it "
+        "fails as PoisonJob instead of running again.",
+    )
+
+    # Internal: kept on the record, left out of every dump while unset (so a job without an owner
+    # has the document it always had) and out of the OpenAPI schema (the API never returns it).
+    owner: SkipJsonSchema[str | None] = Field(default=None, exclude_if=lambda owner: owner is None)
 
     @property
     def done(self) -> bool:
         return self.status in FINAL_STATUSES
+
+    @property
+    def public_id(self) -> str:
+        """The id its owner submitted and sees (the stored id without the owner's prefix)."""
+        return self.id.removeprefix(f"{self.owner}:") if self.owner else self.id
+
+    def public(self) -> JobDocument:
+        """The document as its owner sees it: its own id, no owner."""
+        return self.model_copy(update={"id": self.public_id, "owner": None})
 
 
 class JobAccepted(BaseModel):

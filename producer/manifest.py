@@ -11,7 +11,7 @@ import csv
 import io
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +31,7 @@ class Item:
 
     id: str
     input: Input
+    line: int = field(default=0, compare=False)  # where it was read, for a bad-line report
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def _format_of(path: str) -> ManifestFormat:
 
 def _item(item_id: str, raw: Any, number: int) -> Item | BadLine:
     try:
-        return Item(item_id, INPUT.validate_python(raw))
+        return Item(item_id, INPUT.validate_python(raw), number)
     except ValidationError as exc:
         return BadLine(item_id, number, f"not an input: {exc.errors()[0]['msg']}")
 

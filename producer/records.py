@@ -1,7 +1,8 @@
 """Job records: the status document of every job, in Redis (served) or SQLite (embedded).
 
-Every state change is a compare-and-set on the status, so a cancel racing a worker's start, or a
-redelivered job racing its first copy, has one winner. Records expire after the result TTL.
+Every state change is a compare-and-set on the status (a worker's claim also on the delivery
+count), so a cancel racing a worker's start, or a redelivered job racing its first copy, has one
+winner. Records expire after the result TTL.
 """
 
 from __future__ import annotations
@@ -21,12 +22,17 @@ _DONE = "pipeq:done:"
 _DONE_TTL_S = 60
 
 # KEYS[1] record, KEYS[2] its lane's pending set; ARGV[1] new status, ARGV[2] new doc, ARGV[3] ttl,
-# ARGV[4] job id, ARGV[5..] allowed from-states. Leaving `queued` drops the job from the pending set
-# and its kept message.
+# ARGV[4] job id, ARGV[5] the deliveries the record must hold ('' = any), ARGV[6..] allowed
+# from-states. Leaving `queued` drops the job from the pending set and its kept message.
 _CAS = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return nil end
-for i = 5, #ARGV do
+if ARGV[5] ~= '' then
+  local held = cjson.decode(redis.call('HGET', KEYS[1], 'doc')).deliveries
+  if type(held) ~= 'number' then held = 0 end
+  if held ~= tonumber(ARGV[5]) then return {0, redis.call('HGET', KEYS[1], 'doc')} end
+end
+for i = 6, #ARGV do
   if status == ARGV[i] then
     redis.call('HSET', KEYS[1], 'status', ARGV[1], 'doc', ARGV[2])
     redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -71,9 +77,10 @@ class JobRecords(Protocol):
     def get(self, job_id: str) -> JobDocument | None: ...
 
     def transition(
-        self, doc: JobDocument, from_statuses: tuple[str, ...]
+        self, doc: JobDocument, from_statuses: tuple[str, ...], deliveries: int | None = None
     ) -> tuple[bool, JobDocument | None]:
-        """Replace the record with `doc` if its status is one of `from_statuses`."""
+        """Replace the record with `doc` if its status is one of `from_statuses` and, when
+        `deliveries` is given, the record's delivery count (None reads as 0) is that."""
 
     def put(self, doc: JobDocument) -> None:
         """Write unconditionally (a finished job's result; idempotent by id)."""
@@ -162,11 +169,12 @@ class RedisRecords:
         return None if raw is None else JobDocument.model_validate_json(raw)
 
     def transition(
-        self, doc: JobDocument, from_statuses: tuple[str, ...]
+        self, doc: JobDocument, from_statuses: tuple[str, ...], deliveries: int | None = None
     ) -> tuple[bool, JobDocument | None]:
+        held = "" if deliveries is None else deliveries
         result = self._cas(
             keys=[_KEY + doc.id, pending_key(doc.model, doc.lane)],
-            args=[doc.status, doc.model_dump_json(), self._ttl_s, doc.id, *from_statuses],
+            args=[doc.status, doc.model_dump_json(), self._ttl_s, doc.id, held, *from_statuses],
         )
         if result is None:
             return False, None
@@ -259,12 +267,21 @@ class SqliteRecords:
         return None if row is None else JobDocument.model_validate_json(row[0])
 
     def transition(
-        self, doc: JobDocument, from_statuses: tuple[str, ...]
+        self, doc: JobDocument, from_statuses: tuple[str, ...], deliveries: int | None = None
     ) -> tuple[bool, JobDocument | None]:
         marks = ",".join("?" * len(from_statuses))
+        held = "" if deliveries is None else " AND IFNULL(json_extract(doc, '$.deliveries'), 0) = ?"
         cursor = self._db().execute(
-            f"UPDATE jobs SET status = ?, doc = ?, expires_at = ? WHERE id = ? AND status IN ({marks})",
-            (doc.status, doc.model_dump_json(), time.time() + self._ttl_s, doc.id, *from_statuses),
+            "UPDATE jobs SET status = ?, doc = ?, expires_at = ? "
+            f"WHERE id = ? AND status IN ({marks}){held}",
+            (
+                doc.status,
+                doc.model_dump_json(),
+                time.time() + self._ttl_s,
+                doc.id,
+                *from_statuses,
+                *([] if deliveries is None else [deliveries]),
+            ),
         )
         if cursor.rowcount:
             return True, doc

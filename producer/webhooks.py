@@ -8,6 +8,12 @@ what stops a captured request from being replayed later). Delivery is at least o
 a redelivered job sends the same `webhook-id` (`<job id>.<event>`) again, so a receiver dedupes on
 it.
 
+With API keys, each key's job ids are its own (stored as `<owner>:<id>`, owner = `owner_of(key)`).
+A key with its own secret (a `key=whsec_...` entry of PIPEQ_API_KEYS) gets its webhooks signed with
+it, showing the id it submitted; nobody else's are. A key without one gets them signed with
+PIPEQ_WEBHOOK_SECRET, showing the stored id: every tenant's webhooks carry that secret, so the id
+is what tells a receiver whose job it is (and no key can get one signed for another key's id).
+
 Deliveries are `pipeq.webhook` Celery tasks on the `pipeq.webhooks` queue, published when a job
 finishes (by the GPU worker) or is cancelled (by `Client.cancel`), and sent by
 `pipeq webhooks worker` (worker/callbacks.py). One that runs out of retries is kept in Redis
@@ -23,7 +29,7 @@ from typing import Any
 
 import redis
 from celery import Celery
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from config.celery import WEBHOOK_QUEUE, WEBHOOK_TASK
@@ -53,6 +59,9 @@ class WebhookDelivery(BaseModel):
     event: str
     body: dict[str, Any]
     first_attempt_at: float
+    # The job's owner (an API key's hash), whose own secret signs it where the key has one. Left
+    # out while unset, so a delivery without one is what webhooks workers always read.
+    owner: str | None = Field(default=None, exclude_if=lambda owner: owner is None)
 
 
 class DeadLetter(BaseModel):
@@ -75,8 +84,9 @@ def delivery_for(record: JobDocument) -> WebhookDelivery | None:
         id=f"{record.id}.{event}",
         url=record.webhook.url,
         event=event,
-        body={**record.model_dump(mode="json"), "event": event},
+        body={**record.model_dump(mode="json", exclude={"owner"}), "event": event},
         first_attempt_at=time.time(),
+        owner=record.owner,
     )
 
 

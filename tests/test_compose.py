@@ -118,3 +118,24 @@ def test_pipeq_variables_are_settings_pipeq_reads() -> None:
 def test_worker_reserves_gpus() -> None:
     devices = SERVICES["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert any(d.get("driver") == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+
+
+def test_only_minio_and_its_init_see_the_root_credentials() -> None:
+    # Every other service gets the scoped key minio-init makes (the results bucket only), so a
+    # compromised worker cannot administer MinIO or read other buckets.
+    root_names = {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"}
+    for name, service in SERVICES.items():
+        environment = service.get("environment") or {}
+        if isinstance(environment, list):
+            environment = dict(item.partition("=")[::2] for item in environment)
+        mentions = {key for key in environment if key in root_names}
+        mentions |= {
+            key for key, value in environment.items() if any(r in str(value) for r in root_names)
+        }
+        if name in ("minio", "minio-init"):
+            assert mentions == root_names, f"{name} needs MinIO's root credentials"
+        else:
+            assert not mentions, f"service {name} is handed MinIO's root credentials: {mentions}"
+    pipeq_env = SERVICES["worker"]["environment"]
+    assert pipeq_env["AWS_ACCESS_KEY_ID"] == SERVICES["minio-init"]["environment"]["APP_KEY"]
+    assert pipeq_env["AWS_SECRET_ACCESS_KEY"] == SERVICES["minio-init"]["environment"]["APP_SECRET"]

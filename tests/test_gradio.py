@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from PIL import Image, ImageDraw
 
@@ -20,7 +21,7 @@ from producer.client import Client
 from tests.parity import reference_pipeline
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-from producer.gradio_app import build_app  # noqa: E402 - gradio reads the variable at import
+from producer.gradio_app import build_app, launch_page  # noqa: E402 - gradio reads it at import
 
 DOCS_PNG = Path(__file__).resolve().parents[1] / "docs" / "gradio.png"
 RESULT_TIMEOUT_MS = 60_000
@@ -121,3 +122,29 @@ def test_zero_shot_shows_pipelines_labels(
     want = reference_pipeline(settings.models, "tiny-zeroshot")(text, candidate_labels=labels)
     scored = zip(want["labels"], want["scores"], strict=True)
     _assert_shows(shown, [{"label": label, "score": score} for label, score in scored])
+
+
+def test_a_keyed_service_puts_its_page_behind_an_api_key(
+    settings: Settings, session_worker: Any
+) -> None:
+    # The page submits to the queue directly, so without a login of its own it would run jobs
+    # for callers the API turns away (PIPEQ_API_KEYS).
+    from gradio_client import Client as GradioClient
+    from gradio_client.exceptions import AuthenticationError
+
+    keyed = Client(settings.model_copy(update={"api_keys": ["key-one", "key-two"]}))
+    port = _free_port()
+    app = launch_page(keyed, "tiny-sentiment", "127.0.0.1", port, prevent_thread_lock=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert httpx.post(f"{url}/gradio_api/call/run", json={"data": ["hi"]}).status_code == 401
+        with pytest.raises(AuthenticationError):
+            GradioClient(url, verbose=False)
+        with pytest.raises(ValueError, match="login"):
+            GradioClient(url, auth=("anyone", "not-a-key"), verbose=False)
+        page = GradioClient(url, auth=("anyone", "key-two"), verbose=False)
+        status, labels = page.predict("what a wonderful film", api_name="/run")
+        assert "succeeded" in status, status
+        assert labels["label"] in [row["label"] for row in labels["confidences"]], labels
+    finally:
+        app.close()

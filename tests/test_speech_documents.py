@@ -89,7 +89,7 @@ def audio(media_dir: Path) -> dict[str, Path]:
 
 def _decoded(path: Path) -> dict[str, Any]:
     """What the worker decodes `path` to (a fresh dict: the pipeline pops keys from it)."""
-    return decode_audio(path.read_bytes(), max_samples=1 << 30)
+    return decode_audio(path.read_bytes(), max_samples=1 << 30, max_rate=192_000, max_channels=8)
 
 
 def _inline(path: Path) -> dict[str, str]:

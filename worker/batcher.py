@@ -201,12 +201,15 @@ class Batcher:
                     self._limit,
                 )
         elif len(batch) == 1:
-            log.info("%s: input failed in forward: %r", self.name, exc)
-            batch[0].future.set_exception(ModelError(f"{type(exc).__name__}: {exc}"))
+            # The library's text stays in the log; the caller gets the exception's class only.
+            log.warning("%s: input failed in forward: %r", self.name, exc)
+            failed = ModelError(f"the model could not run this input ({type(exc).__name__})")
+            batch[0].future.set_exception(failed)
             return
         if len(batch) == 1:
             # A single item that does not fit even alone: its job fails it, others go on.
-            batch[0].future.set_exception(ModelError(f"out of memory on a single input: {exc}"))
+            log.warning("%s: out of memory on a single input: %r", self.name, exc)
+            batch[0].future.set_exception(ModelError("out of memory on a single input"))
             return
         half = len(batch) // 2
         self.run_batch(batch[:half])

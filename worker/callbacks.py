@@ -7,10 +7,11 @@ separate process with no models, so a slow or dead receiver never holds a GPU wo
 
 Each attempt signs the body afresh per Standard Webhooks (the `webhook-id` stays
 `<job id>.<event>`; the timestamp is the attempt's), refuses non-public addresses exactly as
-media fetching does (worker/urlguard.py, on the resolved host and on the connected peer; no
-redirects), and retries timeouts, connection errors, 429 and 5xx with exponential backoff and
-jitter until PIPEQ_WEBHOOK_RETRY_SPAN_S has passed since the first attempt. Then, or at once on
-any other answer (3xx, 4xx, an unsafe address), the delivery becomes a dead letter.
+media fetching does (worker/urlguard.py: it connects only to the address it checked; no
+redirects), ends within PIPEQ_WEBHOOK_TIMEOUT_S however slowly the receiver answers, and
+retries timeouts, connection errors, 429 and 5xx with exponential backoff and jitter until
+PIPEQ_WEBHOOK_RETRY_SPAN_S has passed since the first attempt. Then, or at once on any other
+answer (3xx, 4xx, an unsafe address), the delivery becomes a dead letter.
 
 Backoff is capped at half the visibility timeout: a Celery retry is an ETA message the worker
 holds unacked, and Redis hands an unacked message to another consumer once it is older than the
@@ -38,11 +39,11 @@ from standardwebhooks.webhooks import Webhook
 from config.celery import WEBHOOK_QUEUE, WEBHOOK_TASK, make_celery
 from config.errors import ConfigError, FetchFailed, UnsafeReference
 from config.settings import Settings
-from producer.jobs import FINAL_STATUSES, JobDocument
+from producer.jobs import FINAL_STATUSES, JobDocument, owner_of
 from producer.records import JobRecords, open_records
 from producer.stores import ResultStores
 from producer.webhooks import DeadLetter, DeadLetters, WebhookDelivery, publish_for
-from worker.urlguard import check_peer, checked_url
+from worker.urlguard import checked_url, deadline, guarded_client
 
 log = logging.getLogger(__name__)
 
@@ -96,24 +97,34 @@ class WebhookSender:
 
     def __init__(self, settings: Settings, http: httpx.Client, stores: ResultStores) -> None:
         self._signer = Webhook(settings.webhook_secret or "")
+        self._own_signers = {
+            owner_of(key): Webhook(secret)
+            for key, secret in settings.api_key_secrets.items()
+            if secret is not None
+        }
         self._allow_private = settings.allow_private_urls
+        self._timeout_s = settings.webhook_timeout_s
         self._http = http
         self._stores = stores
 
     def send(self, delivery: WebhookDelivery) -> Failure | None:
-        body = json.dumps(self._body(delivery), separators=(",", ":"))
+        signer, webhook_id, content = self._signed_as(delivery)
+        body = json.dumps(content, separators=(",", ":"))
         now = datetime.now(tz=UTC)
         headers = {
-            "webhook-id": delivery.id,
+            "webhook-id": webhook_id,
             "webhook-timestamp": str(int(now.timestamp())),
-            "webhook-signature": self._signer.sign(delivery.id, now, body),
+            "webhook-signature": signer.sign(webhook_id, now, body),
             "content-type": "application/json",
         }
         try:
             url = checked_url(httpx.URL(delivery.url), self._allow_private)
-            with self._http.stream("POST", url, content=body.encode(), headers=headers) as response:
-                if not self._allow_private:
-                    check_peer(response)
+            # The whole attempt, not each socket operation: a receiver that sends one header
+            # line now and then would otherwise hold this thread without end.
+            with (
+                deadline(self._timeout_s),
+                self._http.stream("POST", url, content=body.encode(), headers=headers) as response,
+            ):
                 status = response.status_code
         except UnsafeReference as exc:
             return Failure(str(exc), retryable=False)
@@ -128,6 +139,17 @@ class WebhookSender:
         if 200 <= status < 300:
             return None
         return Failure(f"HTTP {status}", retryable=status == 429 or status >= 500)
+
+    def _signed_as(self, delivery: WebhookDelivery) -> tuple[Webhook, str, dict[str, Any]]:
+        """The signer, webhook-id and body of a delivery: its owner's own secret and the id the
+        owner submitted where the owner's key has a secret, else the shared secret and the
+        stored id (which names the owner: producer/webhooks.py)."""
+        body = self._body(delivery)
+        own = self._own_signers.get(delivery.owner) if delivery.owner else None
+        if own is None:
+            return self._signer, delivery.id, body
+        public = str(body["id"]).removeprefix(f"{delivery.owner}:")
+        return own, f"{public}.{delivery.event}", {**body, "id": public}
 
     def _body(self, delivery: WebhookDelivery) -> dict[str, Any]:
         # An S3-stored result is not inlined (it is large by definition): the receiver gets a
@@ -159,7 +181,8 @@ def create_webhooks_app(settings: Settings, sender: WebhookSender, dead: DeadLet
             return
         failure = sender.send(delivery)
         if failure is None:
-            log.info("webhook %s delivered to %s", delivery.id, delivery.url)
+            # The host only: a webhook URL often carries the receiver's token.
+            log.info("webhook %s delivered to %s", delivery.id, httpx.URL(delivery.url).host)
             return
         delay_s = backoff_s(self.request.retries, settings.webhook_backoff_first_s, cap_s)
         give_up_at = delivery.first_attempt_at + settings.webhook_retry_span_s
@@ -175,12 +198,17 @@ def create_webhooks_app(settings: Settings, sender: WebhookSender, dead: DeadLet
         log.warning(
             "webhook %s to %s is a dead letter after %d attempt(s): %s",
             delivery.id,
-            delivery.url,
+            httpx.URL(delivery.url).host,
             attempts,
             failure.reason,
         )
 
     return app
+
+
+def webhook_http_client(settings: Settings) -> httpx.Client:
+    """The client `WebhookSender` needs: SSRF-guarded, no redirects, no proxy from the environment."""
+    return guarded_client(settings.webhook_timeout_s, settings.allow_private_urls)
 
 
 def serve_webhooks(settings: Settings, concurrency: int) -> int:
@@ -191,13 +219,15 @@ def serve_webhooks(settings: Settings, concurrency: int) -> int:
         Webhook(settings.webhook_secret)
     except Exception as exc:  # noqa: BLE001 - the library's several ways of saying "bad secret"
         raise ConfigError(f"PIPEQ_WEBHOOK_SECRET is not a whsec_<base64> secret: {exc}") from exc
+    for secret in filter(None, settings.api_key_secrets.values()):
+        try:
+            Webhook(secret)
+        except Exception as exc:  # noqa: BLE001 - as above; the message names no key
+            raise ConfigError(
+                f"a secret in PIPEQ_API_KEYS is not a whsec_<base64> secret: {exc}"
+            ) from exc
     records = open_records(settings.effective_result_url, settings.result_ttl_s)
-    http = httpx.Client(
-        timeout=httpx.Timeout(settings.webhook_timeout_s),
-        follow_redirects=False,
-        # A proxy from the environment would make the peer the proxy, and hide the real host.
-        trust_env=False,
-    )
+    http = webhook_http_client(settings)
     sender = WebhookSender(settings, http, ResultStores(settings, records))
     app = create_webhooks_app(settings, sender, DeadLetters(settings.effective_result_url))
     hostname = host_format("webhooks@%h")

@@ -1,9 +1,13 @@
 """Bytes -> the image and audio objects `transformers.pipeline()` takes, refusing hostile input.
 
-Images: Pillow, with `Image.MAX_IMAGE_PIXELS` as the decompression-bomb limit (Pillow's own
-check only warns between one and two times the limit). Audio: soundfile for what libsndfile reads
-(WAV, FLAC, OGG, MP3), else an `ffmpeg` subprocess restricted to local input and audio demuxers,
-so a playlist cannot make it open URLs or other files.
+Images: Pillow, refused above PIPEQ_MAX_IMAGE_PIXELS from the header, before any pixel is
+decoded; a JPEG above it is decoded at the smallest of libjpeg's 1/2, 1/4, 1/8 scales that fits
+(`Image.draft`), so memory stays bounded; images within the cap are decoded at full size, exactly
+as `pipeline()` would. Audio: soundfile for what libsndfile reads (WAV, FLAC, OGG, MP3), its
+sample rate, channels and samples checked from the header and decoded in blocks mixed down to
+mono as they come; else an `ffmpeg` subprocess restricted to local input and audio demuxers (so a
+playlist cannot make it open URLs or other files) whose 16 kHz mono output is read incrementally
+under the cap.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import io
 import subprocess
 import tempfile
+import threading
 from fractions import Fraction
 from typing import Any
 
@@ -29,21 +34,29 @@ FFMPEG_TIMEOUT_S = 60.0
 # a denominator up to 1000 is exact for every common rate (44.1 kHz -> 160/441) and off by under
 # one part in a million for the rest.
 _MAX_RESAMPLE_DENOMINATOR = 1000
+# The scales libjpeg decodes at directly, without ever holding the full-size pixels.
+_JPEG_DRAFT_SCALES = (2, 4, 8)
+_AUDIO_BLOCK_FRAMES = 1 << 16
+_PIPE_CHUNK_BYTES = 1 << 16
+_STDERR_TAIL_BYTES = 4096
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """An RGB image, upright per its EXIF orientation."""
+def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """An RGB image, upright per its EXIF orientation, of at most `max_pixels` pixels."""
     try:
         with Image.open(io.BytesIO(data)) as probe:
-            _refuse_too_many_pixels(probe.size)
+            scale = _draft_scale(probe, max_pixels)
             probe.verify()
         image = Image.open(io.BytesIO(data))
+        if scale > 1:
+            width, height = image.size
+            image.draft(image.mode, (width // scale, height // scale))
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
         return image.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise MediaTooLarge(f"image has too many pixels: {exc}") from exc
-    except InputError:
+    except (InputError, MemoryError):  # MemoryError: the worker's memory bound, not the bytes
         raise
     # Pillow's plugins raise OSError, SyntaxError, struct.error, IndexError... on hostile bytes;
     # to the caller they all mean the same thing.
@@ -51,10 +64,13 @@ def decode_image(data: bytes) -> Image.Image:
         raise DecodeError(f"not an image Pillow can read: {exc}") from exc
 
 
-def decode_audio(data: bytes, *, max_samples: int) -> dict[str, Any]:
-    """`{"raw": float32 mono samples at 16 kHz, "sampling_rate": 16000}`."""
+def decode_audio(
+    data: bytes, *, max_samples: int, max_rate: int, max_channels: int
+) -> dict[str, Any]:
+    """`{"raw": float32 mono samples at 16 kHz, "sampling_rate": 16000}`: at most `max_samples`
+    of them, from a source of at most `max_rate` Hz and `max_channels` channels."""
     try:
-        samples, rate = _read_soundfile(data, max_samples)
+        samples, rate = _read_soundfile(data, max_samples, max_rate, max_channels)
     except soundfile.SoundFileError:
         samples, rate = _read_ffmpeg(data, max_samples), SAMPLING_RATE
     if samples.size == 0:
@@ -62,21 +78,53 @@ def decode_audio(data: bytes, *, max_samples: int) -> dict[str, Any]:
     return {"raw": _resample(samples, rate), "sampling_rate": SAMPLING_RATE}
 
 
-def _refuse_too_many_pixels(size: tuple[int, int]) -> None:
-    limit = Image.MAX_IMAGE_PIXELS
-    width, height = size
-    if limit is not None and width * height > limit:
-        raise MediaTooLarge(
-            f"image is {width}x{height} = {width * height} pixels, over the {limit} pixel limit"
-        )
+def _draft_scale(image: Image.Image, max_pixels: int) -> int:
+    """1 for an image within `max_pixels`; for a larger JPEG, the least DCT scale that fits."""
+    width, height = image.size
+    if width * height <= max_pixels:
+        return 1
+    if image.format == "JPEG":
+        for scale in _JPEG_DRAFT_SCALES:
+            if -(-width // scale) * -(-height // scale) <= max_pixels:
+                return scale
+    raise MediaTooLarge(
+        f"image is {width}x{height} = {width * height} pixels, over the {max_pixels} pixel "
+        "limit (PIPEQ_MAX_IMAGE_PIXELS)"
+    )
 
 
-def _read_soundfile(data: bytes, max_samples: int) -> tuple[np.ndarray, int]:
+def _read_soundfile(
+    data: bytes, max_samples: int, max_rate: int, max_channels: int
+) -> tuple[np.ndarray, int]:
     with soundfile.SoundFile(io.BytesIO(data)) as audio:
-        rate = int(audio.samplerate)
-        _refuse_too_long(audio.frames / rate, max_samples)
-        samples = audio.read(dtype="float32", always_2d=True)
-    return samples.mean(axis=1, dtype=np.float32), rate
+        rate, channels = int(audio.samplerate), int(audio.channels)
+        _refuse_header(rate, channels, int(audio.frames), max_samples, max_rate, max_channels)
+        # Block by block, mixed down as it comes: the peak is the mono source, never all channels.
+        # The mean of each row is the same arithmetic as the mean of the whole array's rows.
+        mono, frames = [], 0
+        for block in audio.blocks(_AUDIO_BLOCK_FRAMES, dtype="float32", always_2d=True):
+            frames += len(block)
+            _refuse_too_long(frames / rate, max_samples)  # a header may understate its frames
+            mono.append(block.mean(axis=1, dtype=np.float32))
+    return (np.concatenate(mono) if mono else np.zeros(0, np.float32)), rate
+
+
+def _refuse_header(
+    rate: int, channels: int, frames: int, max_samples: int, max_rate: int, max_channels: int
+) -> None:
+    if rate > max_rate:
+        raise MediaTooLarge(f"audio sample rate {rate} Hz is over PIPEQ_MAX_AUDIO_SAMPLE_RATE")
+    if channels > max_channels:
+        raise MediaTooLarge(f"audio has {channels} channels, over PIPEQ_MAX_AUDIO_CHANNELS")
+    _refuse_too_long(frames / rate, max_samples)
+    # As many samples as the longest allowed audio holds in mono at the highest allowed rate:
+    # bounds the decoding work of many channels at a high rate, which the length check does not.
+    budget = max_samples * max_rate // SAMPLING_RATE
+    if frames * channels > budget:
+        raise MediaTooLarge(
+            f"audio holds {frames} frames x {channels} channels = {frames * channels} samples, "
+            f"over the {budget} that PIPEQ_MAX_MEDIA_BYTES allows to decode"
+        )
 
 
 def _read_ffmpeg(data: bytes, max_samples: int) -> np.ndarray:
@@ -86,10 +134,8 @@ def _read_ffmpeg(data: bytes, max_samples: int) -> np.ndarray:
     with tempfile.NamedTemporaryFile(prefix="pipeq-audio-") as source:
         source.write(data)
         source.flush()
-        stdout = _run_ffmpeg(_ffmpeg_command(source.name, max_seconds), source.name)
-    samples = np.frombuffer(stdout, dtype="<f4")
-    _refuse_too_long(samples.size / SAMPLING_RATE, max_samples)
-    return samples
+        stdout = _run_ffmpeg(_ffmpeg_command(source.name, max_seconds), source.name, max_samples)
+    return np.frombuffer(stdout, dtype="<f4")
 
 
 def _ffmpeg_command(path: str, max_seconds: float) -> list[str]:
@@ -102,21 +148,64 @@ def _ffmpeg_command(path: str, max_seconds: float) -> list[str]:
     ]  # fmt: skip
 
 
-def _run_ffmpeg(command: list[str], path: str) -> bytes:
+def _run_ffmpeg(command: list[str], path: str, max_samples: int) -> bytearray:
+    """ffmpeg's stdout, read as it comes and cut off (ffmpeg killed) past `max_samples`."""
     try:
-        done = subprocess.run(command, capture_output=True, timeout=FFMPEG_TIMEOUT_S, check=False)
+        proc = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
     except FileNotFoundError as exc:
         raise DecodeError(
             "this audio is not WAV, FLAC, OGG or MP3, and the worker has no ffmpeg to decode it; "
             "send one of those formats (or install ffmpeg on the worker)"
         ) from exc
-    except subprocess.TimeoutExpired as exc:
-        raise DecodeError(f"ffmpeg took longer than {FFMPEG_TIMEOUT_S} s to decode") from exc
-    if done.returncode != 0:
-        lines = done.stderr.decode(errors="replace").replace(path, "input").strip().splitlines()
-        reason = lines[-1] if lines else f"exit status {done.returncode}"
+    timed_out = threading.Event()
+    timer = threading.Timer(FFMPEG_TIMEOUT_S, _kill, (proc, timed_out))
+    stderr = bytearray()
+    drain = threading.Thread(target=_keep_tail, args=(proc.stderr, stderr), daemon=True)
+    with proc:
+        timer.start()
+        drain.start()
+        try:
+            stdout = _read_pipe(proc.stdout, max_samples)
+        except MediaTooLarge:
+            proc.kill()
+            raise
+        finally:
+            timer.cancel()
+            returncode = proc.wait()
+            drain.join()
+    if timed_out.is_set():
+        raise DecodeError(f"ffmpeg took longer than {FFMPEG_TIMEOUT_S} s to decode")
+    if returncode != 0:
+        lines = stderr.decode(errors="replace").replace(path, "input").strip().splitlines()
+        reason = lines[-1] if lines else f"exit status {returncode}"
         raise DecodeError(f"not audio that soundfile or ffmpeg can decode: {reason}")
-    return done.stdout
+    return stdout
+
+
+def _read_pipe(pipe: Any, max_samples: int) -> bytearray:
+    output = bytearray()
+    while chunk := pipe.read1(_PIPE_CHUNK_BYTES):
+        output += chunk
+        if len(output) > 4 * max_samples:  # float32
+            raise MediaTooLarge(
+                f"audio is longer than the {max_samples / SAMPLING_RATE:.1f} s of 16 kHz float32 "
+                "samples PIPEQ_MAX_MEDIA_BYTES allows"
+            )
+    return output
+
+
+def _kill(proc: subprocess.Popen[bytes], killed: threading.Event) -> None:
+    killed.set()
+    proc.kill()
+
+
+def _keep_tail(pipe: Any, tail: bytearray) -> None:
+    """Drain `pipe` (so ffmpeg never blocks on it), keeping only its last lines."""
+    while chunk := pipe.read1(_PIPE_CHUNK_BYTES):
+        tail += chunk
+        del tail[:-_STDERR_TAIL_BYTES]
 
 
 def _refuse_too_long(seconds: float, max_samples: int) -> None:

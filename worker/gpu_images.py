@@ -31,8 +31,8 @@ _MEDIA_REFS = (UrlRef, S3Ref, PathRef, DataRef)
 
 
 class GpuImagePipeline(StagedPipeline):
-    def __init__(self, spec: ModelSpec, pipe: Pipeline) -> None:
-        super().__init__(spec, pipe)
+    def __init__(self, spec: ModelSpec, pipe: Pipeline, **kwargs: Any) -> None:
+        super().__init__(spec, pipe, **kwargs)
         if not _runs_on_gpu(pipe.image_processor):
             # A model saved with the PIL processor: that one pulls CUDA tensors back to the CPU and
             # resizes with PIL (~250 img/s). Its torchvision twin runs on the GPU.
@@ -50,20 +50,20 @@ class GpuImagePipeline(StagedPipeline):
     def load(self, item: Any, media: MediaLoader) -> Any:
         if not isinstance(item, _MEDIA_REFS):
             raise DecodeError("image models take a media reference (url, s3, path or data)")
-        return media.fetch(item)
+        data = media.fetch(item)
+        # Checked here, where the settings are, from the header alone; nothing decoded yet.
+        width, height = _header(data).size
+        if width * height > media.settings.max_image_pixels:
+            raise MediaTooLarge(
+                f"image is {width}x{height} = {width * height} pixels, over the "
+                f"{media.settings.max_image_pixels} pixel limit (PIPEQ_MAX_IMAGE_PIXELS)"
+            )
+        return data
 
     def preprocess(self, item: Any, call: CallParams) -> list[ModelInputs]:
         from torchvision.io import ImageReadMode, decode_image
 
-        try:
-            header = Image.open(io.BytesIO(item))
-        except UnidentifiedImageError as exc:
-            raise DecodeError("not an image format Pillow recognises") from exc
-        width, height = header.size
-        if width * height > (Image.MAX_IMAGE_PIXELS or 2**31):
-            raise MediaTooLarge(
-                f"image of {width}x{height} pixels is over the decompression-bomb limit"
-            )
+        header = _header(item)
         encoded = torch.frombuffer(bytearray(item), dtype=torch.uint8)
         if header.format == "JPEG":
             return [{"jpeg": encoded}]
@@ -101,6 +101,15 @@ class GpuImagePipeline(StagedPipeline):
             logits = self.pipe.model(pixel_values=inputs["pixel_values"].to(self.pipe.dtype)).logits
         logits = logits.float().cpu()
         return [{"logits": logits[i : i + 1]} for i in range(len(parts))]
+
+
+def _header(data: bytes) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise DecodeError("not an image format Pillow recognises") from exc
+    except Image.DecompressionBombError as exc:
+        raise MediaTooLarge("image has too many pixels (PIPEQ_MAX_IMAGE_PIXELS)") from exc
 
 
 def _runs_on_gpu(processor: Any) -> bool:

@@ -5,16 +5,19 @@ PIPEQ_MEDIA_ROOTS or inline base64, never more than PIPEQ_MAX_MEDIA_BYTES of the
 one input for a modality (`worker.decode`), `load_many` does a batch on a thread pool. Every
 failure is an `InputError` that fails its own input only.
 
-URLs are guarded against SSRF (`worker.urlguard`) unless PIPEQ_ALLOW_PRIVATE_URLS is set, and
-redirects are followed here, one checked hop at a time, never by httpx.
+URLs are guarded against SSRF (`worker.urlguard`: only checked public addresses are connected to)
+unless PIPEQ_ALLOW_PRIVATE_URLS is set, and redirects are followed here, one checked hop at a
+time, never by httpx. PIPEQ_MEDIA_TIMEOUT_S bounds a whole URL fetch: every hop, retry and byte.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import os
 import stat
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
@@ -34,12 +37,23 @@ from config.errors import (
     MediaNotFound,
     MediaTimeout,
     MediaTooLarge,
+    TextTooLong,
     UnsafeReference,
+    UnsupportedEncoding,
 )
 from config.settings import Settings
-from producer.jobs import DataRef, DocumentInput, Input, MediaRef, PathRef, S3Ref, UrlRef
+from producer.jobs import (
+    DataRef,
+    DocumentInput,
+    Input,
+    MediaRef,
+    PathRef,
+    S3Ref,
+    UrlRef,
+    text_chars,
+)
 from worker.decode import decode_audio, decode_image
-from worker.urlguard import check_peer, checked_url
+from worker.urlguard import checked_url, deadline, guarded_client, time_left
 
 # Fetching is I/O bound; 16 threads keep a GPU batch's worth of downloads in flight.
 LOAD_THREADS = 16
@@ -48,6 +62,13 @@ HTTP_ATTEMPTS = 3
 RETRY_BACKOFF_S = 0.25
 _READ_CHUNK_BYTES = 1 << 16
 _NOT_FOUND_S3_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
+_IDENTITY = {"accept-encoding": "identity"}
+# The one Content-Encoding layer a server that compresses anyway may use (zlib's wbits for it).
+_INFLATE_WBITS = {
+    "gzip": 16 + zlib.MAX_WBITS,
+    "x-gzip": 16 + zlib.MAX_WBITS,
+    "deflate": zlib.MAX_WBITS,
+}
 
 
 class _ServerError(Exception):
@@ -71,6 +92,10 @@ class MediaLoader:
         self._s3 = _default_s3_client(settings) if s3 is None else s3
         self._pool = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="pipeq-media")
 
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
     def fetch(self, ref: MediaRef) -> bytes:
         """The raw bytes of a reference, at most `settings.max_media_bytes` of them."""
         if isinstance(ref, UrlRef):
@@ -89,7 +114,7 @@ class MediaLoader:
         plus "word_boxes" when given. Raises only `InputError` subclasses, except `ValueError` for
         a modality that is none of these (a bug in the caller, not in the input).
         """
-        ref = media_ref(item, modality)
+        ref = self._checked_ref(item, modality)
         if ref is None:
             return item
         return self._decode(item, modality, self.fetch(ref))
@@ -100,7 +125,7 @@ class MediaLoader:
         groups: dict[MediaRef, list[int]] = {}
         for index, item in enumerate(items):
             try:
-                ref = media_ref(item, modality)
+                ref = self._checked_ref(item, modality)
             except InputError as exc:
                 results[index] = exc
                 continue
@@ -125,6 +150,18 @@ class MediaLoader:
         if self._owns_s3:
             self._s3.close()
 
+    def _checked_ref(self, item: Input, modality: str) -> MediaRef | None:
+        """`media_ref`, after refusing too much text: a message published by hand never passed
+        the check at submit."""
+        ref = media_ref(item, modality)
+        chars = text_chars(item)
+        if chars > self._settings.max_text_chars:
+            raise TextTooLong(
+                f"{chars} characters of text, over PIPEQ_MAX_TEXT_CHARS "
+                f"({self._settings.max_text_chars})"
+            )
+        return ref
+
     def _load_group(self, ref: MediaRef, items: list[Input], modality: str) -> list[Any]:
         try:
             data = self.fetch(ref)
@@ -139,13 +176,20 @@ class MediaLoader:
             return exc
 
     def _decode(self, item: Input, modality: str, data: bytes) -> Any:
+        settings = self._settings
         if modality == "image":
-            return decode_image(data)
+            return decode_image(data, max_pixels=settings.max_image_pixels)
         if modality == "audio":
-            # Decoded audio is capped like fetched bytes: 16 kHz float32 samples, 4 bytes each.
-            return decode_audio(data, max_samples=self._settings.max_media_bytes // 4)
+            return decode_audio(
+                data,
+                # Decoded audio is capped like fetched bytes: 16 kHz float32 samples, 4 bytes each.
+                max_samples=settings.max_media_bytes // 4,
+                max_rate=settings.max_audio_sample_rate,
+                max_channels=settings.max_audio_channels,
+            )
         assert isinstance(item, DocumentInput)  # media_ref() let only documents through
-        document: dict[str, Any] = {"image": decode_image(data), "question": item.question}
+        image = decode_image(data, max_pixels=settings.max_image_pixels)
+        document: dict[str, Any] = {"image": image, "question": item.question}
         # Absent, not None: the pipeline runs OCR (Tesseract) only when the key is missing.
         if item.word_boxes is not None:
             document["word_boxes"] = [(word, list(box)) for word, box in item.word_boxes]
@@ -154,12 +198,15 @@ class MediaLoader:
     # --- http(s) -------------------------------------------------------------------------------
 
     def _fetch_url(self, url: str) -> bytes:
-        hop = _parse_url(url)
-        for _ in range(MAX_REDIRECTS + 1):
-            outcome = self._get_with_retries(checked_url(hop, self._settings.allow_private_urls))
-            if isinstance(outcome, bytes):
-                return outcome
-            hop = outcome
+        hop, allow_private = _parse_url(url), self._settings.allow_private_urls
+        # httpx's timeouts are per socket operation: a server that sends a header line or a body
+        # byte now and then would hold the fetch without end. One deadline bounds it all.
+        with deadline(self._settings.media_timeout_s):
+            for _ in range(MAX_REDIRECTS + 1):
+                outcome = self._get_with_retries(checked_url(hop, allow_private))
+                if isinstance(outcome, bytes):
+                    return outcome
+                hop = outcome
         raise FetchFailed(f"{url} redirected more than {MAX_REDIRECTS} times")
 
     def _get_with_retries(self, url: httpx.URL) -> bytes | httpx.URL:
@@ -168,26 +215,21 @@ class MediaLoader:
             try:
                 return self._get_once(url)
             except (httpx.TransportError, _ServerError) as exc:
-                if attempt == HTTP_ATTEMPTS:
-                    raise _after_retries(exc, url) from exc
-                time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
+                pause_s = RETRY_BACKOFF_S * 2 ** (attempt - 1)
+                if attempt == HTTP_ATTEMPTS or time_left() <= pause_s:
+                    raise _after_retries(exc, url, attempt) from exc
+                time.sleep(pause_s)
                 attempt += 1
-            except httpx.HTTPError as exc:  # e.g. a body that is not the gzip it claims to be
-                raise FetchFailed(f"could not fetch {url}: {exc}") from exc
 
     def _get_once(self, url: httpx.URL) -> bytes | httpx.URL:
         """The body of one GET, or the next hop's URL when the answer is a redirect."""
-        # A server that drips bytes never trips httpx's per-read timeout; this bounds the attempt.
-        deadline = time.monotonic() + self._settings.media_timeout_s
-        with self._http.stream("GET", url, follow_redirects=False) as response:
-            if not self._settings.allow_private_urls:
-                check_peer(response)
+        limit = self._settings.max_media_bytes
+        with self._http.stream("GET", url, headers=_IDENTITY, follow_redirects=False) as response:
             if response.is_redirect:
                 return _parse_url(str(response.url), response.headers["location"])
             _raise_for_status(response)
-            _refuse_declared_size(response, self._settings.max_media_bytes, str(url))
-            chunks = _until(deadline, response.iter_bytes(), str(url))
-            return read_capped(chunks, self._settings.max_media_bytes, str(url))
+            _refuse_declared_size(response, limit, str(url))
+            return read_capped(_decoded(response, limit, str(url)), limit, str(url))
 
     # --- s3, local paths, inline data ----------------------------------------------------------
 
@@ -212,17 +254,7 @@ class MediaLoader:
             raise FetchFailed(f"could not read {uri}: {exc}") from exc
 
     def _read_path(self, raw: str) -> bytes:
-        path = checked_path(raw, self._settings.media_roots)
-        try:
-            # O_NONBLOCK: a FIFO planted under a root must not hang the worker on open();
-            # O_NOFOLLOW: the last component cannot be swapped for a symlink after the check.
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-        except (FileNotFoundError, NotADirectoryError) as exc:
-            raise MediaNotFound(f"no file at {raw}") from exc
-        except PermissionError as exc:
-            raise FetchFailed(f"the worker may not read {raw}: permission denied") from exc
-        except OSError as exc:
-            raise UnsafeReference(f"cannot open {raw}: {exc.strerror}") from exc
+        fd = open_beneath(raw, self._settings.media_roots)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise MediaNotFound(f"{raw} is not a regular file")
@@ -257,8 +289,16 @@ def media_ref(item: Input, modality: str) -> MediaRef | None:
     raise ValueError(f"unknown modality {modality!r}")
 
 
-def checked_path(raw: str, roots: list[Path]) -> Path:
-    """`raw` with symlinks and `..` resolved, if it lies under one of `roots`."""
+def open_beneath(raw: str, roots: list[Path]) -> int:
+    """A read-only descriptor of `raw`, opened beneath the root it names one component at a time.
+
+    Each directory is opened relative to its parent's descriptor with O_NOFOLLOW, so a component
+    swapped for a symlink between a check and the open cannot lead out of the root (a resolve
+    then open lost that race 4 times in 400). Symlinks under a root are therefore never
+    followed, even ones that stay inside it; the roots themselves were resolved at start-up.
+    The lexical test comes first: a missing path outside the roots reads as 'outside', not
+    'missing', so errors tell a caller nothing about files elsewhere on the worker.
+    """
     if not roots:
         raise UnsafeReference(
             "local paths are turned off; set PIPEQ_MEDIA_ROOTS to the directories jobs may read"
@@ -266,15 +306,47 @@ def checked_path(raw: str, roots: list[Path]) -> Path:
     candidate = Path(raw)
     if not candidate.is_absolute():
         raise UnsafeReference(f"{raw!r} is relative; give an absolute path under PIPEQ_MEDIA_ROOTS")
+    root = next((root for root in roots if candidate.is_relative_to(root)), None)
+    if root is None or ".." in candidate.parts:
+        raise UnsafeReference(f"{raw} is outside PIPEQ_MEDIA_ROOTS ('..' is not followed)")
+    *folders, name = candidate.relative_to(root).parts or (".",)
     try:
-        # Not strict: a missing path outside the roots must read as 'outside', not 'missing',
-        # or the error would tell a caller which files exist elsewhere on the worker.
-        resolved = candidate.resolve()
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise UnsafeReference(f"cannot resolve {raw!r}: {exc}") from exc
-    if not any(resolved.is_relative_to(root) for root in roots):
-        raise UnsafeReference(f"{raw} is outside PIPEQ_MEDIA_ROOTS")
-    return resolved
+        folder = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise FetchFailed(f"the media root of {raw} cannot be opened: {exc.strerror}") from exc
+    try:
+        for part in folders:
+            child = _open_at(folder, part, os.O_DIRECTORY, raw)
+            os.close(folder)
+            folder = child
+        # O_NONBLOCK: a FIFO planted under a root must not hang the worker on open().
+        return _open_at(folder, name, os.O_NONBLOCK, raw)
+    finally:
+        os.close(folder)
+
+
+def _open_at(folder: int, name: str, flags: int, raw: str) -> int:
+    try:
+        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | flags, dir_fd=folder)
+    except OSError as exc:
+        # O_NOFOLLOW answers ELOOP for a symlink, and ENOTDIR for one where a folder should be.
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(folder, name):
+            raise UnsafeReference(
+                f"{raw} goes through a symbolic link, which could lead outside "
+                "PIPEQ_MEDIA_ROOTS; links under a root are not followed"
+            ) from exc
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise MediaNotFound(f"no file at {raw}") from exc
+        if exc.errno == errno.EACCES:
+            raise FetchFailed(f"the worker may not read {raw}: permission denied") from exc
+        raise UnsafeReference(f"cannot open {raw}: {exc.strerror}") from exc
+
+
+def _is_symlink(folder: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=folder).st_mode)
+    except OSError:
+        return False
 
 
 def read_capped(chunks: Iterable[bytes], limit: int, source: str) -> bytes:
@@ -294,11 +366,43 @@ def _parse_url(base: str, reference: str = "") -> httpx.URL:
         raise UnsafeReference(f"not a valid URL: {reference or base!r} ({exc})") from exc
 
 
-def _until(deadline: float, chunks: Iterator[bytes], source: str) -> Iterator[bytes]:
-    for chunk in chunks:
-        if time.monotonic() > deadline:
-            raise MediaTimeout(f"{source} sent its body too slowly (PIPEQ_MEDIA_TIMEOUT_S)")
-        yield chunk
+def _decoded(response: httpx.Response, limit: int, source: str) -> Iterator[bytes]:
+    """The body without its Content-Encoding, in pieces of at most `_READ_CHUNK_BYTES`.
+
+    Not httpx's decoding: it inflates each network chunk whole, through every stacked layer, so
+    a few hundred bytes of gzip-of-gzip become gigabytes in one call before any cap is checked.
+    One gzip or deflate layer is inflated here in bounded steps that `read_capped` counts.
+    """
+    codings = [
+        coding.strip().lower()
+        for coding in response.headers.get_list("content-encoding", split_commas=True)
+        if coding.strip().lower() not in ("", "identity")
+    ]
+    if not codings:
+        yield from response.iter_raw(_READ_CHUNK_BYTES)
+        return
+    if len(codings) > 1 or codings[0] not in _INFLATE_WBITS:
+        raise UnsupportedEncoding(
+            f"{source} came with Content-Encoding {', '.join(codings)}; pipeq asks for identity "
+            "and decodes at most one gzip or deflate layer"
+        )
+    inflater = zlib.decompressobj(_INFLATE_WBITS[codings[0]])
+    received = 0
+    try:
+        for raw in response.iter_raw(_READ_CHUNK_BYTES):
+            received += len(raw)
+            if received > limit:  # compressed bytes that inflate to little still arrive
+                raise _too_large(source, limit)
+            piece = inflater.decompress(raw, _READ_CHUNK_BYTES)
+            while piece:
+                yield piece
+                # The input zlib left for want of room, or output it still holds back.
+                piece = inflater.decompress(inflater.unconsumed_tail, _READ_CHUNK_BYTES)
+            if inflater.eof:
+                return  # what follows the compressed stream is not part of it (httpx agrees)
+    except zlib.error as exc:
+        raise FetchFailed(f"{source} is not the {codings[0]} it says it is: {exc}") from exc
+    raise FetchFailed(f"{source} ends inside its {codings[0]}-compressed body")
 
 
 def _raise_for_status(response: httpx.Response) -> None:
@@ -319,10 +423,12 @@ def _refuse_declared_size(response: httpx.Response, limit: int, source: str) -> 
         raise _too_large(source, limit)
 
 
-def _after_retries(exc: Exception, url: httpx.URL) -> InputError:
-    tries = f"after {HTTP_ATTEMPTS} tries"
+def _after_retries(exc: Exception, url: httpx.URL, attempts: int) -> InputError:
+    tries = f"after {attempts} {'try' if attempts == 1 else 'tries'}"
     if isinstance(exc, httpx.TimeoutException):
-        return MediaTimeout(f"{url.host} did not answer in time {tries} (PIPEQ_MEDIA_TIMEOUT_S)")
+        return MediaTimeout(
+            f"{url.host} answered too slowly: not fetched within PIPEQ_MEDIA_TIMEOUT_S {tries}"
+        )
     if isinstance(exc, _ServerError):
         return FetchFailed(f"{url} answered HTTP {exc.status_code} {tries}")
     return FetchFailed(f"could not fetch {url} {tries}: {exc}")
@@ -333,12 +439,10 @@ def _too_large(source: str, limit: int) -> MediaTooLarge:
 
 
 def _default_http_client(settings: Settings) -> httpx.Client:
-    return httpx.Client(
-        timeout=httpx.Timeout(settings.media_timeout_s),
+    return guarded_client(
+        settings.media_timeout_s,
+        settings.allow_private_urls,
         limits=httpx.Limits(max_connections=LOAD_THREADS, max_keepalive_connections=LOAD_THREADS),
-        follow_redirects=False,
-        # A proxy from the environment would make the peer the proxy, and hide the real host.
-        trust_env=False,
     )
 
 

@@ -84,6 +84,7 @@ class BatchMetrics:
         self._expired.inc(count)
 
 
-def serve_metrics(port: int) -> None:
+def serve_metrics(port: int, host: str) -> None:
+    """Serve /metrics on `host`:`port` (PIPEQ_METRICS_HOST, loopback unless opened up)."""
     if port:
-        start_http_server(port, addr="0.0.0.0")
+        start_http_server(port, addr=host)

@@ -10,18 +10,23 @@ import io
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pytesseract
 import torch
 import transformers
 from PIL import Image
 from transformers.pipelines.base import ChunkPipeline, Pipeline, pad_collate_fn
+from transformers.pipelines.document_question_answering import ModelType, normalize_box
 from transformers.pipelines.pt_utils import PipelineIterator
 
-from config.errors import ConfigError
+from config.errors import ConfigError, OcrTimeout
+from config.params import check_params
 from config.registry import ModelSpec
+from config.settings import Settings
 from worker.media import MediaLoader
 
 log = logging.getLogger(__name__)
@@ -90,10 +95,23 @@ def to_json(value: Any) -> Any:
 class StagedPipeline:
     """One preloaded pipeline exposed as the stages the batcher calls."""
 
-    def __init__(self, spec: ModelSpec, pipe: Pipeline) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        pipe: Pipeline,
+        ocr_timeout_s: float = Settings.model_fields["ocr_timeout_s"].default,
+    ) -> None:
         self.spec = spec
         self.pipe = pipe
         self.chunked = isinstance(pipe, ChunkPipeline)
+        self.ocr_timeout_s = ocr_timeout_s
+        # Where the pipeline would run Tesseract itself (no timeout there), pipeq runs it; a
+        # processor with its own OCR (LayoutLMv2/v3 apply_ocr) or an OCR-free model keeps its own.
+        self._runs_ocr = (
+            spec.task == "document-question-answering"
+            and pipe.model_type != ModelType.VisionEncoderDecoder
+            and not getattr(pipe.image_processor, "apply_ocr", False)
+        )
         processor = (
             pipe.feature_extractor if pipe.feature_extractor is not None else pipe.image_processor
         )
@@ -105,8 +123,10 @@ class StagedPipeline:
             self._postprocess = ImageClassificationPostprocess(pipe)
 
     def call_params(self, params: dict[str, Any]) -> CallParams:
-        """Merge the model's default params with the job's and split them per stage.
-        Raises whatever the pipeline raises for params it does not take."""
+        """Merge the model's default params with the job's and split them per stage. Raises
+        InvalidParams for job params outside the task's allow-list, else whatever the pipeline
+        raises for params it does not take."""
+        check_params(self.spec.task, params, self.spec.params)
         given = {**self.spec.params, **params}
         pre, fwd, post = self.pipe._sanitize_parameters(**given)
         key = hashlib.sha1(json.dumps(given, sort_keys=True, default=str).encode()).hexdigest()
@@ -125,8 +145,46 @@ class StagedPipeline:
     def preprocess(self, item: Any, call: CallParams) -> list[ModelInputs]:
         """One input -> the model inputs the pipeline would forward (several for chunked tasks)."""
         if self.chunked:
-            return list(self.pipe.preprocess(item, **call.preprocess))
+            return list(self.iter_parts(item, call))
         return [self.pipe.preprocess(item, **call.preprocess)]
+
+    def iter_parts(self, item: Any, call: CallParams) -> Iterator[ModelInputs]:
+        """`preprocess`, made as it is consumed: a long input's chunks need not all be held."""
+        if not self.chunked:
+            return iter(self.preprocess(item, call))
+        if self._runs_ocr and "word_boxes" not in item:
+            item = {**item, "word_boxes": self._ocr(item["image"], call)}
+        parts: Iterator[ModelInputs] = self.pipe.preprocess(item, **call.preprocess)
+        return parts
+
+    def _ocr(self, image: Image.Image, call: CallParams) -> list[tuple[str, list[int]]]:
+        """Words and boxes as the library's `apply_tesseract` makes them (same call, same
+        filtering and normalisation), under a timeout. Language and config are the operator's
+        (models.yaml params), never a job's."""
+        try:
+            data = pytesseract.image_to_data(
+                image,
+                lang=call.preprocess.get("lang"),
+                output_type="dict",
+                config=call.preprocess.get("tesseract_config", ""),
+                timeout=self.ocr_timeout_s,
+            )
+        except RuntimeError as exc:
+            # pytesseract kills the process and raises a bare RuntimeError on timeout.
+            if type(exc) is RuntimeError and "timeout" in str(exc):
+                raise OcrTimeout(
+                    f"OCR did not finish within PIPEQ_OCR_TIMEOUT_S ({self.ocr_timeout_s:g} s); "
+                    "send word_boxes with this document"
+                ) from exc
+            raise
+        width, height = image.size
+        return [
+            (word, normalize_box([x, y, x + w, y + h], width, height))
+            for word, x, y, w, h in zip(
+                data["text"], data["left"], data["top"], data["width"], data["height"], strict=True
+            )
+            if word.strip()
+        ]
 
     def forward(self, parts: list[ModelInputs], call: CallParams) -> list[Any]:
         """One forward pass over `parts` (collated and padded as pipeline(batch_size=n) would)."""
@@ -199,10 +257,10 @@ def _staged_class(spec: ModelSpec) -> type[StagedPipeline]:
     return GpuImagePipeline
 
 
-def load_staged(spec: ModelSpec) -> tuple[StagedPipeline, float]:
+def load_staged(spec: ModelSpec, settings: Settings) -> tuple[StagedPipeline, float]:
     """Load and warm one model; returns it and its load time in seconds."""
     started = time.perf_counter()
-    staged = _staged_class(spec)(spec, load_pipeline(spec))
+    staged = _staged_class(spec)(spec, load_pipeline(spec), ocr_timeout_s=settings.ocr_timeout_s)
     item, params = warm_input(spec)
     if spec.gpu_preprocess:
         buffer = io.BytesIO()

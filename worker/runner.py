@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -19,7 +20,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from config.errors import ErrorInfo, Expired, InputError, ModelError, PipeqError
+from config.errors import (
+    ErrorInfo,
+    Expired,
+    InputError,
+    InvalidParams,
+    ModelError,
+    OutOfMemory,
+    PipeqError,
+    PoisonJob,
+)
 from config.settings import Settings
 from producer.jobs import Input, JobDocument, JobMessage, JobProgress
 from producer.ledger import QueueLedger
@@ -91,7 +101,11 @@ class JobRunner:
             return None
         QUEUE_WAIT.labels(job.model, job.lane).observe(max(0.0, started - job.submitted_at))
         progress = ProgressTracker(partial(self._publish_progress, claimed))
-        outputs, errors, cached = self._execute(job, progress)
+        deliveries = claimed.deliveries or 0
+        if deliveries > self.settings.max_deliveries:
+            outputs, errors, cached = *_fail_all(len(job.inputs), _poisoned(job, deliveries)), 0
+        else:
+            outputs, errors, cached = self._execute(job, progress)
         finished = time.time()
         failed_all = all(error is not None for error in errors)
         doc = claimed.model_copy(
@@ -117,7 +131,8 @@ class JobRunner:
         return record
 
     def _claim(self, job: JobMessage, worker: str, started: float) -> JobDocument | None:
-        """Mark the job running, unless it was cancelled or already finished (a redelivery)."""
+        """Mark the job running and count the delivery, unless it was cancelled or already
+        finished (a redelivery), or another copy claimed it first."""
         running = JobDocument(
             id=job.id,
             model=job.model,
@@ -126,26 +141,46 @@ class JobRunner:
             worker=worker,
             timings={"submitted_at": job.submitted_at, "started_at": started},
             webhook=job.webhook,
+            owner=job.owner,
         )
-        changed, current = self.records.transition(running, ("queued",))
-        if changed or (current is not None and current.status == "cancelled"):
-            # It leaves the backlog once: claimed from queued, or dropped cancelled.
-            if self.ledger is not None:
-                self.ledger.take(job.model, job.lane, len(job.inputs))
-        if not changed and current is not None and current.status == "running":
-            changed, current = self.records.transition(running, ("running",))
-        if changed:
-            return running
+        current = self.records.get(job.id)
         if current is None:
             # No record (its TTL ran out while queued, or published by hand): keep a fresh one.
+            running = running.model_copy(update={"deliveries": 1})
             self.records.put(running)
             return running
+        if current.status in ("queued", "running"):
+            # A `running` record is a dead worker's: a live one's lease keeps its message from
+            # coming back. The count is compare-and-set, so of two copies claiming at once one
+            # wins and the other is dropped, and a poison job's count climbs once per death.
+            held = current.deliveries or 0
+            running = running.model_copy(update={"deliveries": held + 1})
+            changed, now = self.records.transition(running, (current.status,), deliveries=held)
+            if changed:
+                if current.status == "queued":
+                    self._leave_backlog(job)
+                return running
+            if now is None:
+                return None
+            current = now
+        if current.status == "cancelled":
+            self._leave_backlog(job)
         log.info("job %s is %s; not running it", job.id, current.status)
         return None
 
+    def _leave_backlog(self, job: JobMessage) -> None:
+        # Once per job: when claimed from queued, or when its message is dropped as cancelled.
+        if self.ledger is not None:
+            self.ledger.take(job.model, job.lane, len(job.inputs))
+
     def _publish_progress(self, running: JobDocument, progress: JobProgress) -> None:
         try:
-            self.records.transition(running.model_copy(update={"progress": progress}), ("running",))
+            # Guarded by the count: a worker whose job was claimed again writes no more.
+            self.records.transition(
+                running.model_copy(update={"progress": progress}),
+                ("running",),
+                deliveries=running.deliveries,
+            )
         except Exception as exc:  # noqa: BLE001 - a missed progress write never fails the job
             log.warning("progress write for job %s failed: %r", running.id, exc)
 
@@ -163,8 +198,14 @@ class JobRunner:
             return *_fail_all(count, Expired(f"not started within deadline_s={job.deadline_s}")), 0
         try:
             call = served.staged.call_params(job.params)
+        except InvalidParams as exc:
+            # At submit the same check answered 422; this message was published another way.
+            log.warning("job %s: %s", job.id, exc)
+            return *_fail_all(count, exc), 0
         except Exception as exc:  # noqa: BLE001 - the pipeline's own complaint about the params
-            return *_fail_all(count, ModelError(f"invalid params {job.params}: {exc}")), 0
+            log.warning("job %s: the pipeline refused its params: %r", job.id, exc)
+            refused = InvalidParams(f"the pipeline refused these params ({type(exc).__name__})")
+            return *_fail_all(count, refused), 0
         rank = LANE_RANK[job.lane]
         prepared = []
         # Identical inputs of one job are fetched, run and postprocessed once.
@@ -174,7 +215,7 @@ class JobRunner:
             if key not in first:
                 served.permits.acquire()
                 first[key] = self._prefetch.submit(
-                    self._prepare, served, item, call, rank, expires_at, progress
+                    self._prepare, job.id, served, item, call, rank, expires_at, progress
                 )
             prepared.append(first[key])
         outputs: list[Any] = []
@@ -207,7 +248,10 @@ class JobRunner:
             except Exception as exc:  # noqa: BLE001 - postprocess of one input must not sink the job
                 log.exception("postprocess failed in job %s", job.id)
                 outputs.append(None)
-                errors.append(ModelError(f"{type(exc).__name__}: {exc}").to_info())
+                failed = ModelError(
+                    f"the pipeline could not postprocess this input ({type(exc).__name__})"
+                )
+                errors.append(failed.to_info())
             answered[id(future)] = (outputs[-1], errors[-1])
         return outputs, errors, cached
 
@@ -222,6 +266,7 @@ class JobRunner:
 
     def _prepare(
         self,
+        job_id: str,
         served: ServedModel,
         item: Input,
         call: CallParams,
@@ -234,6 +279,7 @@ class JobRunner:
         spec = served.staged.spec
         name = spec.name
         key = None
+        fed: list[WorkItem] = []
         try:
             if expires_at is not None and time.time() > expires_at:
                 EXPIRED.labels(name, "prefetch").inc()
@@ -249,36 +295,94 @@ class JobRunner:
                 if hit is not MISS:
                     served.permits.release()
                     return _Prepared([], key, hit)
+            make = partial(_work_item, served.staged, call, rank, expires_at)
             try:
-                parts = served.staged.preprocess(loaded, call)
-                STAGE_SECONDS.labels(name, "preprocess").observe(time.perf_counter() - fetched)
-            except InputError:
+                parts = served.staged.iter_parts(loaded, call)
+                waited_s = _feed(served, parts, make, progress, fed)
+                made_s = time.perf_counter() - fetched - waited_s
+                STAGE_SECONDS.labels(name, "preprocess").observe(made_s)
+            except (InputError, MemoryError):
                 raise
             except Exception as exc:  # noqa: BLE001 - the pipeline rejects this input
-                raise ModelError(f"preprocess failed: {type(exc).__name__}: {exc}") from exc
-            if not parts:
+                # Library and subprocess (Tesseract) text stays in the log: it can quote files.
+                log.warning("job %s: %s could not preprocess an input: %r", job_id, name, exc)
+                raise ModelError(
+                    f"the pipeline could not preprocess this input ({type(exc).__name__})"
+                ) from exc
+            if not fed:
                 raise ModelError("the pipeline produced nothing to run for this input")
+        except MemoryError as exc:
+            # The worker's RLIMIT_DATA (worker/memory.py) failed this input's allocation; what it
+            # had allocated is freed with it, and the job's other inputs go on.
+            _release_when_done(fed, served.permits)
+            log.warning("input of model %s ran out of memory while being prepared", name)
+            raise OutOfMemory(
+                "preparing this input needed more memory than the worker may use"
+            ) from exc
         except BaseException:
-            served.permits.release()
+            _release_when_done(fed, served.permits)
             raise
-        items = [
-            WorkItem(
-                part=part,
-                group=served.staged.group_key(part, call),
-                call=call,
-                length=served.staged.part_length(part),
-                lane_rank=rank,
-                expires_at=expires_at,
-            )
-            for part in parts
-        ]
-        _release_when_done(items, served.permits)
-        progress.track([work.future for work in items])
-        served.batcher.submit(items)
-        return _Prepared([work.future for work in items], key)
+        _release_when_done(fed, served.permits)
+        return _Prepared([work.future for work in fed], key)
+
+
+def _work_item(
+    staged: StagedPipeline, call: CallParams, rank: int, expires_at: float | None, part: Any
+) -> WorkItem:
+    return WorkItem(
+        part=part,
+        group=staged.group_key(part, call),
+        call=call,
+        length=staged.part_length(part),
+        lane_rank=rank,
+        expires_at=expires_at,
+    )
+
+
+def _feed(
+    served: ServedModel,
+    parts: Iterator[Any],
+    make: Callable[[Any], WorkItem],
+    progress: ProgressTracker,
+    fed: list[WorkItem],
+) -> float:
+    """Hand `parts` to the batcher as they are made, appending them to `fed`; returns the
+    seconds spent waiting for forward passes. At most two batches of one input's parts wait for
+    a forward pass at a time, so a long input's chunks are never all held at once (a 16 s clip
+    cut into 0.05 s chunks once made ~480 of them, 2.5 GB, before the first forward). The wait
+    holds a prefetch thread, as making the chunks did before."""
+    limit = served.batcher.max_batch_size
+    window = threading.Semaphore(2 * limit)
+    ready: list[WorkItem] = []
+
+    def flush() -> None:
+        if ready:
+            progress.track([work.future for work in ready])
+            served.batcher.submit(list(ready))
+            fed.extend(ready)
+            ready.clear()
+
+    waited_s = 0.0
+    for part in parts:
+        if not window.acquire(blocking=False):
+            flush()  # the parts held here must reach the batcher before this waits on them
+            began = time.perf_counter()
+            window.acquire()
+            waited_s += time.perf_counter() - began
+        work = make(part)
+        work.future.add_done_callback(lambda _: window.release())
+        ready.append(work)
+        if len(ready) >= limit:
+            flush()
+    flush()
+    return waited_s
 
 
 def _release_when_done(items: list[WorkItem], permits: threading.Semaphore) -> None:
+    """Release the input's permit once all its parts are done (at once when it has none)."""
+    if not items:
+        permits.release()
+        return
     remaining = [len(items)]
     lock = threading.Lock()
 
@@ -301,6 +405,14 @@ def _count(job: JobMessage, doc: JobDocument, errors: list[ErrorInfo | None]) ->
 
 def _fail_all(count: int, error: PipeqError) -> tuple[list[Any], list[ErrorInfo | None]]:
     return [None] * count, [error.to_info()] * count
+
+
+def _poisoned(job: JobMessage, deliveries: int) -> PoisonJob:
+    # Each earlier delivery ended with its worker dead (OOM kill, segfault, SIGKILL) before the
+    # ack; running it again would take down the next worker the same way.
+    runs = deliveries - 1
+    log.error("job %s: its worker died on each of its %d deliveries; failing it", job.id, runs)
+    return PoisonJob(f"the job was delivered {runs} times and its worker died each time")
 
 
 def _final_status(errors: list[ErrorInfo | None]) -> str:

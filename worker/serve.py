@@ -33,6 +33,7 @@ from worker.batcher import Batcher
 from worker.callbacks import finished_earlier, job_finished
 from worker.lease import LeaseRenewal
 from worker.media import MediaLoader
+from worker.memory import bound_memory
 from worker.metrics import LOAD_SECONDS, BatchMetrics, serve_metrics
 from worker.pipelines import load_staged
 from worker.result_cache import open_cache
@@ -44,10 +45,10 @@ log = logging.getLogger(__name__)
 READY_LINE = "pipeq worker ready"
 
 
-def load_models(specs: list[ModelSpec]) -> dict[str, ServedModel]:
+def load_models(specs: list[ModelSpec], settings: Settings) -> dict[str, ServedModel]:
     served = {}
     for spec in specs:
-        staged, load_s = load_staged(spec)
+        staged, load_s = load_staged(spec, settings)
         LOAD_SECONDS.labels(spec.name).set(load_s)
         hooks = BatchMetrics(spec.name)
         batcher = Batcher(
@@ -88,6 +89,8 @@ def create_worker_app(settings: Settings, runner: JobRunner, models: list[str]) 
         record = runner.run(message, worker=self.request.hostname)
         # Webhook publishing and Celery links (the job document) hang off the finished record.
         record = record or finished_earlier(runner.records, message)
+        if record is not None:
+            log.info("job %s %s", record.id, record.status)
         return job_finished(app, self.request, record)
 
     return app
@@ -98,11 +101,11 @@ def serve(
 ) -> int:
     """Run a worker in this process until it is shut down; returns its exit code."""
     hostname = host_format(hostname)
-    serve_metrics(metrics_port)
+    serve_metrics(metrics_port, settings.metrics_host)
     registry = load_registry(settings.models)
     specs = registry.select(models)
     names = [spec.name for spec in specs]
-    served = load_models(specs)
+    served = load_models(specs, settings)
     runner = JobRunner(
         settings,
         open_records(settings.effective_result_url, settings.result_ttl_s),
@@ -121,6 +124,8 @@ def serve(
 
     @worker_ready.connect(weak=False)
     def announce(sender: Any, **_: Any) -> None:
+        # Measured now, with the models warm and the pool's threads started (worker/memory.py).
+        bound_memory(settings.worker_memory_headroom_mb)
         print(f"{READY_LINE}: {hostname} serving {', '.join(names)}", flush=True)
 
     worker = app.Worker(
