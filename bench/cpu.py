@@ -1,4 +1,5 @@
-"""CPU benchmark, one run, side by side: a naive Celery task calling pipeline() per job vs pipeq.
+"""CPU benchmark, one run, side by side: a plain Celery no-op task (the floor of a Celery job on
+this Redis), a naive Celery task calling pipeline() per job, and pipeq.
 
     python -m bench.cpu [--jobs 1000] [--redis redis://127.0.0.1:6379]
 
@@ -95,6 +96,20 @@ def main() -> None:
         p50, p99 = percentiles(latencies)
         records.append(Record(name, rate, p50_ms=p50, p99_ms=p99, jobs=jobs, device="cpu"))
         print(f"{name}: {rate:.1f} items/s p50 {p50:.1f} ms p99 {p99:.1f} ms", flush=True)
+
+    noop_env = {"NAIVE_BROKER": naive_db}
+    noop = start_naive_worker(noop_env, work / "noop.log", ("-P", "threads", "-c", "64"))
+    try:
+        app = Celery("naive", broker=naive_db, backend=naive_db)
+        app.conf.update(task_serializer="json", accept_content=["json"])
+        naive_open_load(app, low[:10], "naive.noop")  # warm
+        record(
+            f"plain celery no-op task, threads -c 64, saturating ({len(heavy)} jobs at once)",
+            naive_open_load(app, heavy, "naive.noop"),
+            len(heavy),
+        )
+    finally:
+        stop_process(noop)
 
     naive = start_naive_worker(naive_env, work / "naive.log")
     try:

@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -315,6 +316,7 @@ class Sampler:
 
 
 METRICS_PORT = 9400
+PROCS_METRICS_PORT = 9500
 OUT_DIR = Path(os.environ.get("OUT", "bench/results"))
 
 
@@ -362,6 +364,7 @@ def prefilled_run(
         docs += [doc for doc, _ in client.submit_many(requests[i : i + 1000])]
     control.control.add_consumer(queue, destination=workers, reply=True)
     finished = [client.wait(doc.id, timeout_s=600) for doc in docs]
+    print("jobs per front:", dict(Counter(d.worker for d in finished)), flush=True)
     bad = [
         d for d in finished if d.status != "succeeded" or any(e is not None for e in d.errors or [])
     ]
@@ -633,7 +636,7 @@ def main() -> None:
     if args.procs_per_gpu > 1 and scale.device == "cuda":
         names = [f"benchp-{i}@{host}" for i in range(args.procs_per_gpu)]
         group = start_pipeq_worker(
-            {**env, "PIPEQ_METRICS_PORT": "0"},
+            {**env, "PIPEQ_METRICS_PORT": str(PROCS_METRICS_PORT)},
             work / "pipeq-procs.log",
             "--gpus",
             gpus,
@@ -653,12 +656,25 @@ def main() -> None:
                 ("bert", texts, 1, "1 text"),
             )
             for model, items, per_job, label in runs:
+                spy = profiled(group.pid, f"procs-{model}-{per_job}", args.profile)
                 with Sampler([group.pid]) as sampler:
                     rate, lat, jobs = prefilled_run(
                         client, control, names, model, items, per_job, {}
                     )
                 name = f"{model} pipeq end to end, {label} per job, {args.procs_per_gpu} processes per GPU"
                 record(name, rate, per_job, percentiles(lat), jobs=jobs, **sampler.extra())
+                if spy:
+                    spy.wait()
+            fronts = [
+                urllib.request.urlopen(f"http://127.0.0.1:{PROCS_METRICS_PORT + i}/metrics")
+                .read()
+                .decode()
+                for i in range(len(names))
+            ]
+            batches = [
+                line for text in fronts for line in text.splitlines() if "batch_size" in line
+            ]
+            (OUT_DIR / "procs-batch-sizes.txt").write_text("\n".join(batches))
         finally:
             stop_process(group)
 

@@ -92,21 +92,11 @@ def start_pipeq_worker(
     return start_process(command, env, log_path, READY_LINE, ready_count)
 
 
-def start_naive_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "bench.naive",
-        "worker",
-        "-P",
-        "solo",
-        "-l",
-        "INFO",
-        "-n",
-        "naive@%h",
-    ]
+def start_naive_worker(
+    env: dict[str, str], log_path: Path, pool: tuple[str, ...] = ("-P", "solo")
+) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "celery", "-A", "bench.naive", "worker", *pool]
+    command += ["-l", "INFO", "-n", "naive@%h"]
     return start_process(command, env, log_path, "ready.")
 
 
@@ -154,9 +144,11 @@ def naive_closed_loop(app: Any, items: list[Any]) -> tuple[float, list[float]]:
     return len(items) / (time.perf_counter() - started), latencies
 
 
-def naive_open_load(app: Any, items: list[Any]) -> tuple[float, list[float]]:
+def naive_open_load(
+    app: Any, items: list[Any], task: str = "naive.run"
+) -> tuple[float, list[float]]:
     started = time.time()
-    sent = [(time.time(), app.send_task("naive.run", args=[item])) for item in items]
+    sent = [(time.time(), app.send_task(task, args=[item])) for item in items]
     results = [(at, r.get(timeout=600)) for at, r in sent]
     finished = max(r["finished_at"] for _, r in results)
     return len(items) / (finished - started), [r["finished_at"] - at for at, r in results]

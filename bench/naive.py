@@ -1,6 +1,7 @@
 """The baseline users write by hand: a Celery task that calls pipeline() once per job.
 
 Run as a worker: `celery -A bench.naive worker -P solo` with NAIVE_BROKER and NAIVE_MODEL set.
+`naive.noop` does nothing but return: the floor of a plain Celery task on the same Redis.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ _pipe: Any = None
 @worker_process_init.connect
 def load(**_: Any) -> None:
     global _pipe
+    if "NAIVE_TASK" not in os.environ:  # the no-op baseline loads nothing
+        return
     from transformers import pipeline
 
     _pipe = pipeline(
@@ -35,3 +38,9 @@ def load(**_: Any) -> None:
 def run(item: Any) -> dict[str, Any]:
     output = _pipe(item)
     return {"output": output, "finished_at": time.time()}
+
+
+@app.task(name="naive.noop")
+def noop(item: Any) -> dict[str, Any]:
+    """What Celery alone costs per job: take it, store a result, ack."""
+    return {"finished_at": time.time()}

@@ -127,18 +127,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.launch import plan_workers, supervise, visible_gpus
 
     settings = Settings()
-    plans = plan_workers(args.gpus, visible_gpus(dict(os.environ)), args.name, args.procs_per_gpu)
-    if len(plans) > 1:
-        return supervise(plans, _worker_argv(args), settings.metrics_port)
-    (plan,) = plans
-    if plan.gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = plan.gpu
-    else:
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-    from worker.serve import serve
-
     models = args.models.split(",") if args.models else None
-    return serve(settings, models, plan.hostname, args.concurrency, settings.metrics_port)
+    if args.role == "forward":
+        from worker.forward_server import serve_forward
+
+        return serve_forward(settings, models, args.socket)
+    if args.role == "front":
+        from worker.serve import serve
+
+        return serve(
+            settings, models, args.name, args.concurrency, settings.metrics_port, args.socket
+        )
+    plans = plan_workers(args.gpus, visible_gpus(dict(os.environ)), args.name, args.procs_per_gpu)
+    return supervise(plans, _worker_argv(args), settings.metrics_port)
 
 
 def _worker_argv(args: argparse.Namespace) -> list[str]:
@@ -218,8 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--gpus", default="auto", help="auto, cpu, or indices like 0,1")
     worker.add_argument("--models", help="comma-separated model names (default: all)")
     worker.add_argument("--concurrency", type=int, default=64, help="jobs in flight per worker")
-    worker.add_argument("--procs-per-gpu", type=int, default=1, help="worker processes per GPU")
+    worker.add_argument(
+        "--procs-per-gpu",
+        type=int,
+        default=1,
+        help="front processes per GPU (Celery consumers feeding its one forward process)",
+    )
     worker.add_argument("--name", help="worker hostname template (default gpuN@%%h / cpu@%%h)")
+    # The supervisor's own children: one forward process per GPU and its fronts.
+    worker.add_argument("--role", choices=["front", "forward"], help=argparse.SUPPRESS)
+    worker.add_argument("--socket", help=argparse.SUPPRESS)
     worker.set_defaults(func=cmd_worker)
 
     api = commands.add_parser("api", help="serve the HTTP API")

@@ -1,4 +1,5 @@
-"""One worker process per GPU: planning on fake device lists, and real pinned children on the CPU."""
+"""One engine per GPU: planning on fake device lists, and real pinned engines on the CPU (one
+forward process per GPU, fronts that feed it)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
+import redis
+from transformers import pipeline
 
 from config.celery import make_celery
 from config.errors import ConfigError
+from config.registry import load_registry
 from config.settings import Settings
-from worker.launch import WorkerPlan, child_command, plan_workers, visible_gpus
+from producer.client import Client
+from worker.launch import WorkerPlan, forward_command, front_command, plan_workers, visible_gpus
+
+PAIR_DB = 13  # its own broker database: only the pair below takes these jobs
 
 
 def test_plans() -> None:
@@ -25,6 +34,10 @@ def test_plans() -> None:
     assert plan_workers("1", ["0", "1"]) == [WorkerPlan("gpu1@%h", "1")]
     assert plan_workers("auto", []) == [WorkerPlan("cpu@%h", None)]
     assert plan_workers("cpu", ["0"]) == [WorkerPlan("cpu@%h", None)]
+    assert plan_workers("cpu", [], procs_per_gpu=2) == [
+        WorkerPlan("cpu-0@%h", None),
+        WorkerPlan("cpu-1@%h", None),
+    ]
     assert [p.hostname for p in plan_workers("0", ["0"], procs_per_gpu=2)] == [
         "gpu0-0@%h",
         "gpu0-1@%h",
@@ -39,17 +52,22 @@ def test_visible_gpus_honours_cuda_visible_devices() -> None:
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == []
 
 
-def test_child_is_pinned_to_its_gpu() -> None:
-    command, env = child_command(WorkerPlan("gpu3@%h", "3"), ["--concurrency", "8"], 9400)
-    assert env["CUDA_VISIBLE_DEVICES"] == "3" and env["PIPEQ_METRICS_PORT"] == "9400"
-    assert command[-6:] == ["--gpus", "3", "--procs-per-gpu", "1", "--name", "gpu3@%h"]
+def test_only_the_forward_process_sees_its_gpu() -> None:
+    command, env = forward_command("3", ["--concurrency", "8"], "/run/gpu3.sock")
+    assert env["CUDA_VISIBLE_DEVICES"] == "3"
+    assert command[-4:] == ["--role", "forward", "--socket", "/run/gpu3.sock"]
+    plan = WorkerPlan("gpu3@%h", "3")
+    command, env = front_command(plan, ["--concurrency", "8"], 9400, "/run/gpu3.sock")
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["PIPEQ_METRICS_PORT"] == "9400"
+    assert command[-6:] == ["--role", "front", "--socket", "/run/gpu3.sock", "--name", "gpu3@%h"]
 
 
 def test_one_pinned_worker_per_gpu(
     worker_env: dict[str, str], settings: Settings, tmp_path: Path
 ) -> None:
-    """Two fake GPUs on this CPU machine: the launcher starts two pinned children, each a
-    Celery worker named after its GPU and consuming every model's queues; SIGTERM stops both."""
+    """Two fake GPUs on this CPU machine: the launcher starts two pinned engines, each a forward
+    process and a Celery front named after its GPU consuming every model's queues; SIGTERM stops
+    all four."""
     log = tmp_path / "launcher.log"
     env = {**os.environ, **worker_env, "CUDA_VISIBLE_DEVICES": "0,1", "PYTHONUNBUFFERED": "1"}
     args = ["worker", "--gpus", "auto", "--models", "tiny-sentiment", "--concurrency", "4"]
@@ -78,3 +96,37 @@ def test_one_pinned_worker_per_gpu(
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(60) == 0
     assert log.read_text().count("pipeq worker ready") == 2
+
+
+def test_two_fronts_feed_one_forward_process(
+    start_worker: Any, worker_env: dict[str, str], settings: Settings
+) -> None:
+    """`--procs-per-gpu 2`: two Celery fronts, one process holding the model; both fronts' jobs
+    are answered as `pipeline()` answers them."""
+    broker = worker_env["PIPEQ_BROKER_URL"].rsplit("/", 1)[0] + f"/{PAIR_DB}"
+    redis.Redis.from_url(broker).flushdb()
+    own = Client(settings.model_copy(update={"broker_url": broker}))
+    worker = start_worker(
+        "--models",
+        "tiny-sentiment",
+        "--procs-per-gpu",
+        "2",
+        "--concurrency",
+        "4",
+        name="pair{proc}@%h",
+        env={"PIPEQ_BROKER_URL": broker},
+    )
+    roles = [" ".join(c.cmdline()) for c in psutil.Process(worker.proc.pid).children()]
+    assert sum("--role forward" in r for r in roles) == 1
+    assert sum("--role front" in r for r in roles) == 2
+    texts = [f"text {i} " + "good " * (i % 11) for i in range(120)]
+    ids = [own.submit("tiny-sentiment", [text]) for text in texts]
+    docs = [own.wait(job_id, timeout_s=120) for job_id in ids]
+    host = os.uname().nodename
+    assert {d.worker for d in docs} == {f"pair0@{host}", f"pair1@{host}"}
+    (spec,) = load_registry(settings.models).select(["tiny-sentiment"])
+    pipe = pipeline(spec.task, model=spec.model)
+    for text, doc in zip(texts[:20], docs[:20], strict=True):
+        want = pipe(text)
+        assert doc.outputs is not None and doc.outputs[0][0]["label"] == want[0]["label"]
+        assert abs(doc.outputs[0][0]["score"] - want[0]["score"]) < 1e-4

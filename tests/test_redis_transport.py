@@ -110,9 +110,7 @@ def test_kombus_restore_returns_claimed_messages(db: redis.Redis) -> None:
     conn.release()
     assert len(got) == 20 and db.llen("claims") == 0
     db.zadd("unacked_index", {tag: 0 for tag in db.hkeys("unacked")})
-    with Connection(
-        f"{REDIS}/{DB}", transport_options={"visibility_timeout": 1}
-    ) as other:
+    with Connection(f"{REDIS}/{DB}", transport_options={"visibility_timeout": 1}) as other:
         other.channel().qos.restore_visible(num=100)
     assert db.llen("claims") == 20 and db.hlen("unacked") == 0
     again, (conn, _) = _consume(prefetch=20, want=20, ack=True)

@@ -63,6 +63,15 @@ class BatchHooks(Protocol):
 ForwardFn = Callable[[list[Any], Any], list[Any]]
 
 
+class PartSink(Protocol):
+    """Where a job's prepared parts go: a `Batcher` where the model is held, a
+    `ForwardClient` in a front (worker/forward_client.py)."""
+
+    def submit(self, items: list[WorkItem]) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 

@@ -1,25 +1,34 @@
-"""`pipeq worker --gpus auto|cpu|0,1`: one worker process per GPU, each pinned with
-CUDA_VISIBLE_DEVICES before Python in it touches CUDA, each named after its GPU (`gpu1@host`).
+"""`pipeq worker --gpus auto|cpu|0,1`: one engine per GPU (or one on the CPU), supervised.
 
-With one GPU (or the CPU) the worker runs in this process; with several, this process supervises
-one child per GPU, forwards SIGTERM/SIGINT to them, and restarts a child that dies on its own.
+An engine is one forward process, pinned with CUDA_VISIBLE_DEVICES before Python in it touches
+CUDA and the only holder of that GPU's models (worker/forward_server.py), and `--procs-per-gpu`
+fronts: Celery consumers named after the GPU (`gpu1@host`, `gpu1-0@host`...) that take jobs,
+prepare their inputs, hand the parts to the forward process, and store the results
+(worker/serve.py). This process starts them, forwards SIGTERM/SIGINT, restarts a child that dies
+on its own, and takes its children with it if it is killed.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from multiprocessing.connection import Client
 from types import FrameType
 
 from config.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -43,13 +52,14 @@ def visible_gpus(env: dict[str, str]) -> list[str]:
 def plan_workers(
     gpus: str, visible: list[str], name: str | None = None, procs_per_gpu: int = 1
 ) -> list[WorkerPlan]:
-    """Which worker processes `--gpus` asks for, given the GPUs this process can see.
+    """Which fronts `--gpus` asks for, given the GPUs this process can see.
 
-    Several processes per GPU (each with its own copy of the models) let more cores feed one GPU
-    when per-job Python work, not the forward pass, is the limit; the GPU interleaves their batches.
+    Several fronts per GPU let more cores take, prepare and store jobs for the one forward
+    process of that GPU when per-job Python work, not the forward pass, is the limit.
     """
     if gpus == "cpu" or (gpus == "auto" and not visible):
-        return [WorkerPlan(name or "cpu@%h", None)]
+        template = name or ("cpu@%h" if procs_per_gpu == 1 else "cpu-{proc}@%h")
+        return [WorkerPlan(template.format(proc=proc), None) for proc in range(procs_per_gpu)]
     wanted = visible if gpus == "auto" else [g.strip() for g in gpus.split(",") if g.strip()]
     unknown = [gpu for gpu in wanted if gpu not in visible]
     if unknown or not wanted:
@@ -65,44 +75,141 @@ def plan_workers(
     ]
 
 
-def child_command(
-    plan: WorkerPlan, argv: list[str], metrics_port: int
+def front_command(
+    plan: WorkerPlan, argv: list[str], metrics_port: int, socket: str
 ) -> tuple[list[str], dict[str, str]]:
-    """The command and environment of one pinned child: the same `pipeq worker` invocation
-    restricted to its GPU, which inside the child is the only one visible."""
-    assert plan.gpu is not None
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": plan.gpu, "PIPEQ_METRICS_PORT": str(metrics_port)}
-    command = [sys.executable, "-m", "producer.cli", "worker", *argv, "--gpus", plan.gpu]
-    command += ["--procs-per-gpu", "1", "--name", plan.hostname]
+    """The command and environment of one front: the same `pipeq worker` invocation as a Celery
+    consumer named after its GPU, which hands its parts to the forward process at `socket`. A
+    front never touches CUDA."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PIPEQ_METRICS_PORT": str(metrics_port)}
+    command = [sys.executable, "-m", "producer.cli", "worker", *argv, "--role", "front"]
+    command += ["--socket", socket, "--name", plan.hostname]
     return command, env
+
+
+def forward_command(
+    gpu: str | None, argv: list[str], socket: str
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of the forward process of `gpu` (None: the CPU), the only
+    process that sees that GPU."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu if gpu is not None else ""}
+    command = [sys.executable, "-m", "producer.cli", "worker", *argv, "--role", "forward"]
+    return command + ["--socket", socket], env
+
+
+def _die_with_parent() -> None:
+    # A SIGKILLed supervisor takes its engine with it, as a one-process worker would die: its
+    # jobs come back through their leases, none keeps running unsupervised.
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509
+
+
+def _listening(socket: str) -> bool:
+    try:
+        Client(socket, family="AF_UNIX").close()
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class _Engine:
+    """One GPU's (or the CPU's) forward process and its fronts."""
+
+    gpu: str | None
+    socket: str
+    plans: list[WorkerPlan] = field(default_factory=list)
+    forward: subprocess.Popen[bytes] | None = None
+    fronts: dict[WorkerPlan, subprocess.Popen[bytes]] = field(default_factory=dict)
 
 
 def supervise(
     plans: list[WorkerPlan], argv: list[str], metrics_port: int, restart_delay_s: float = 5.0
 ) -> int:
-    """Run one child per plan; metrics ports are `metrics_port` + the plan's index (0 = off)."""
+    """Run one engine per GPU in `plans`: its forward process, then one front per plan (metrics
+    ports `metrics_port` + the plan's index; 0 = off). A process that dies is restarted; fronts
+    resend their unanswered parts to a restarted forward process. SIGTERM stops the fronts
+    first (they finish their jobs through the forward process), then the forward processes."""
     ports = {plan: metrics_port and metrics_port + i for i, plan in enumerate(plans)}
-
-    def start(plan: WorkerPlan) -> subprocess.Popen[bytes]:
-        command, env = child_command(plan, argv, ports[plan])
-        return subprocess.Popen(command, env=env)
-
-    children = {plan: start(plan) for plan in plans}
+    engines = _plan_engines(plans)
+    if not _start_engines(engines, argv, ports):
+        return 1
     stopping = False
 
-    def forward(signum: int, _frame: FrameType | None) -> None:
+    def forward_signal(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signum)
+        for engine in engines.values():
+            for child in engine.fronts.values():
+                if child.poll() is None:
+                    child.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward_signal)
+    signal.signal(signal.SIGINT, forward_signal)
     while True:
-        for plan, child in list(children.items()):
+        fronts = [child for engine in engines.values() for child in engine.fronts.values()]
+        if stopping and all(child.poll() is not None for child in fronts):
+            _stop_all(engines)
+            return max(child.returncode for child in fronts)
+        if not stopping:
+            _restart_dead(engines, argv, ports, restart_delay_s)
+        time.sleep(0.5)
+
+
+def _plan_engines(plans: list[WorkerPlan]) -> dict[str | None, _Engine]:
+    folder = tempfile.mkdtemp(prefix="pipeq-engine-")
+    engines: dict[str | None, _Engine] = {}
+    for plan in plans:
+        socket = os.path.join(folder, f"gpu{plan.gpu or 'cpu'}.sock")
+        engines.setdefault(plan.gpu, _Engine(plan.gpu, socket)).plans.append(plan)
+    return engines
+
+
+def _start_engines(
+    engines: dict[str | None, _Engine], argv: list[str], ports: dict[WorkerPlan, int]
+) -> bool:
+    """Start every forward process, and once each listens, its fronts."""
+    for engine in engines.values():
+        engine.forward = _start(*forward_command(engine.gpu, argv, engine.socket))
+    for engine in engines.values():
+        if not _wait_listening(engine):
+            log.error("the forward process for %s could not start", engine.gpu or "the CPU")
+            _stop_all(engines)
+            return False
+    for engine in engines.values():
+        for plan in engine.plans:
+            engine.fronts[plan] = _start(*front_command(plan, argv, ports[plan], engine.socket))
+    return True
+
+
+def _wait_listening(engine: _Engine) -> bool:
+    assert engine.forward is not None
+    while not _listening(engine.socket):
+        if engine.forward.poll() is not None:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _restart_dead(
+    engines: dict[str | None, _Engine],
+    argv: list[str],
+    ports: dict[WorkerPlan, int],
+    restart_delay_s: float,
+) -> None:
+    for engine in engines.values():
+        assert engine.forward is not None
+        code = engine.forward.poll()
+        if code is not None:
+            log.error("forward process for %s exited with %s; restarting", engine.gpu, code)
+            engine.forward = _start(*forward_command(engine.gpu, argv, engine.socket))
+        for plan, child in list(engine.fronts.items()):
             code = child.poll()
-            if code is not None and not stopping:
+            if code is not None:
                 log.error(
                     "worker %s exited with %s; restarting in %.0f s",
                     plan.hostname,
@@ -110,7 +217,17 @@ def supervise(
                     restart_delay_s,
                 )
                 time.sleep(restart_delay_s)
-                children[plan] = start(plan)
-        if stopping and all(child.poll() is not None for child in children.values()):
-            return max(child.returncode for child in children.values())
-        time.sleep(0.5)
+                engine.fronts[plan] = _start(*front_command(plan, argv, ports[plan], engine.socket))
+
+
+def _stop_all(engines: dict[str | None, _Engine]) -> None:
+    children = [e.forward for e in engines.values() if e.forward is not None]
+    children += [c for e in engines.values() for c in e.fronts.values()]
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    for child in children:
+        try:
+            child.wait(60)
+        except subprocess.TimeoutExpired:
+            child.kill()

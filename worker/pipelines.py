@@ -60,21 +60,30 @@ def resolve_device(spec: ModelSpec) -> str | None:
     return spec.device
 
 
-def load_pipeline(spec: ModelSpec) -> Pipeline:
-    model_kwargs = {"max_memory": spec.max_memory} if spec.max_memory else None
+def load_pipeline(spec: ModelSpec, weights: bool = True) -> Pipeline:
+    """The model's pipeline. Without `weights`, the model is moved to the meta device once
+    loaded: a front's copy, for its tokenizer, processors and config (preprocess and
+    postprocess), while the forward process holds the weights. (`device_map="meta"` would skip
+    reading the weights, but transformers before 5.2x then moves the empty model and fails.)"""
+    model_kwargs = {"max_memory": spec.max_memory} if spec.max_memory and weights else None
+    placement: dict[str, Any] = {"device": "meta"}
+    if weights:
+        placement = {"device": resolve_device(spec), "device_map": spec.device_map}
     try:
-        return transformers.pipeline(
+        pipe = transformers.pipeline(
             spec.task,
             model=spec.model,
             revision=spec.revision,
             dtype=spec.dtype,
-            device=resolve_device(spec),
-            device_map=spec.device_map,
             model_kwargs=model_kwargs,
+            **placement,
             **spec.pipeline_kwargs,
         )
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"model {spec.name!r} ({spec.model}) failed to load: {exc}") from exc
+    if not weights:
+        pipe.device = torch.device("cpu")  # where preprocess makes its tensors
+    return pipe
 
 
 def to_json(value: Any) -> Any:
@@ -255,6 +264,14 @@ def _staged_class(spec: ModelSpec) -> type[StagedPipeline]:
     from worker.gpu_images import GpuImagePipeline
 
     return GpuImagePipeline
+
+
+def load_front(spec: ModelSpec, settings: Settings) -> tuple[StagedPipeline, float]:
+    """A front's half of one model (preprocess, postprocess; no weights) and its load time."""
+    started = time.perf_counter()
+    pipe = load_pipeline(spec, weights=False)
+    staged = _staged_class(spec)(spec, pipe, ocr_timeout_s=settings.ocr_timeout_s)
+    return staged, time.perf_counter() - started
 
 
 def load_staged(spec: ModelSpec, settings: Settings) -> tuple[StagedPipeline, float]:

@@ -35,7 +35,7 @@ from producer.jobs import Input, JobDocument, JobMessage, JobProgress
 from producer.ledger import QueueLedger
 from producer.records import JobRecords
 from producer.stores import ResultStores
-from worker.batcher import LANE_RANK, Batcher, WorkItem
+from worker.batcher import LANE_RANK, PartSink, WorkItem
 from worker.media import MediaLoader
 from worker.metrics import CACHE, EXPIRED, INPUTS, JOBS, QUEUE_WAIT, STAGE_SECONDS, BatchMetrics
 from worker.pipelines import CallParams, StagedPipeline
@@ -50,7 +50,7 @@ class ServedModel:
     """A loaded model, its batcher, and the bound on its prepared-but-not-forwarded inputs."""
 
     staged: StagedPipeline
-    batcher: Batcher
+    batcher: PartSink
     permits: threading.Semaphore
     hooks: BatchMetrics | None = None
 

@@ -1,9 +1,10 @@
-"""One worker process: load and warm every model it serves, then consume their queues.
+"""One front: a Celery consumer that takes jobs, prepares their inputs, hands the parts to its
+engine's forward process (worker/forward_server.py), postprocesses and stores the answers.
 
 Pool: Celery's `threads` pool. Each in-flight job holds one thread that mostly waits on the
-batcher, so concurrency is "jobs in flight", not "forward passes in parallel"; the model itself
-is driven by one batcher thread per model. Models load in this process before the consumer
-starts, so no job is taken before the pipelines are warm.
+forward process, so concurrency is "jobs in flight", not "forward passes in parallel". A front
+holds each model's tokenizer, processors and config but not its weights; the consumer starts
+once the forward process listens, so no job is taken before the models are warm.
 
 Shutdown (SIGTERM, Celery's warm shutdown): the consumer stops taking jobs, reserved jobs not yet
 started go back to the broker unacked, jobs in flight finish their batches and store their
@@ -15,6 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from functools import partial
+from multiprocessing.connection import Client
 from typing import Any
 
 import redis
@@ -26,36 +29,39 @@ from redis.exceptions import RedisError
 from config.celery import LANES, RUN_TASK, make_celery, model_queues, queue_name
 from config.registry import ModelSpec, load_registry
 from config.settings import Settings
-from producer.client import Client
+from producer.client import Client as JobClient
 from producer.ledger import QueueLedger, open_ledger
 from producer.records import JobRecords, RedisRecords, open_records
-from worker.batcher import Batcher
 from worker.callbacks import finished_earlier, job_finished
+from worker.forward_client import ForwardClient
 from worker.lease import LeaseRenewal
 from worker.media import MediaLoader
 from worker.memory import bound_memory
 from worker.metrics import LOAD_SECONDS, BatchMetrics, serve_metrics
-from worker.pipelines import load_staged
+from worker.pipelines import load_front
 from worker.result_cache import open_cache
 from worker.runner import JobRunner, ServedModel
 from worker.sweeper import LostJobSweeper
+from worker.task_events import BatchedTaskEvents
 
 log = logging.getLogger(__name__)
 
 READY_LINE = "pipeq worker ready"
 
 
-def load_models(specs: list[ModelSpec], settings: Settings) -> dict[str, ServedModel]:
+def connect_models(
+    specs: list[ModelSpec], settings: Settings, socket: str
+) -> dict[str, ServedModel]:
+    """Each model's front half, handing its parts to the forward process at `socket`."""
     served = {}
     for spec in specs:
-        staged, load_s = load_staged(spec, settings)
+        staged, load_s = load_front(spec, settings)
         LOAD_SECONDS.labels(spec.name).set(load_s)
         hooks = BatchMetrics(spec.name)
-        batcher = Batcher(
+        batcher = ForwardClient(
             spec.name,
-            staged.forward,
+            partial(Client, socket, family="AF_UNIX"),
             max_batch_size=spec.max_batch_size,
-            max_wait_ms=spec.max_wait_ms,
             hooks=hooks,
         ).start()
         # Four batches of inputs prepared ahead at most: enough to form the next batch while one
@@ -71,6 +77,7 @@ def create_worker_app(settings: Settings, runner: JobRunner, models: list[str]) 
     app.conf.task_queues = model_queues(models)
     if "visibility_timeout" in (app.conf.broker_transport_options or {}):
         app.steps["consumer"].add(LeaseRenewal)
+    app.steps["consumer"].add(BatchedTaskEvents)
 
     # A store that is briefly unreachable must not cost the job: Celery re-queues it (same id,
     # results are idempotent) with backoff instead of acking a failure.
@@ -97,15 +104,20 @@ def create_worker_app(settings: Settings, runner: JobRunner, models: list[str]) 
 
 
 def serve(
-    settings: Settings, models: list[str] | None, hostname: str, concurrency: int, metrics_port: int
+    settings: Settings,
+    models: list[str] | None,
+    hostname: str,
+    concurrency: int,
+    metrics_port: int,
+    socket: str,
 ) -> int:
-    """Run a worker in this process until it is shut down; returns its exit code."""
+    """Run a front in this process until it is shut down; returns its exit code."""
     hostname = host_format(hostname)
     serve_metrics(metrics_port, settings.metrics_host)
     registry = load_registry(settings.models)
     specs = registry.select(models)
     names = [spec.name for spec in specs]
-    served = load_models(specs, settings)
+    served = connect_models(specs, settings, socket)
     runner = JobRunner(
         settings,
         open_records(settings.effective_result_url, settings.result_ttl_s),
@@ -119,7 +131,7 @@ def serve(
     lanes = [(name, lane) for lane in LANES for name in names]
     stop_beating = _beat(runner.ledger, hostname, lanes, served, settings.lease_s / 3)
     sweeper = _sweeper(
-        settings, runner.records, Client(settings, registry=registry, celery=app), lanes
+        settings, runner.records, JobClient(settings, registry=registry, celery=app), lanes
     )
 
     @worker_ready.connect(weak=False)
@@ -152,7 +164,7 @@ def serve(
 
 
 def _sweeper(
-    settings: Settings, records: JobRecords, client: Client, lanes: list[tuple[str, str]]
+    settings: Settings, records: JobRecords, client: JobClient, lanes: list[tuple[str, str]]
 ) -> LostJobSweeper | None:
     """On a Redis broker, re-publish jobs whose message kombu lost (worker/sweeper.py). Grace: a
     dead worker's unacked jobs come back within a lease and a restore sweep, so a job still queued

@@ -1,0 +1,249 @@
+"""The forward process: the one process per GPU that holds its models and runs their batches.
+
+A worker's front processes (Celery consumers: intake, preparation, postprocess, completion)
+send prepared parts here over a local socket; each model's `Batcher` groups the parts of every
+front into batches and runs them back to back, so one CUDA context owns the GPU instead of one
+per front taking turns. Answers go back to the front that sent the part, with the size and
+time of each batch on its first item (that front's metrics count the batch once).
+
+Fronts come and go (a front that dies is restarted by the supervisor; its parts still in a
+batch are answered into a closed socket and dropped). The process exits when its parent dies
+(worker.launch sets the parent-death signal), never on a front's failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import signal
+import threading
+from collections.abc import Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, Listener
+from types import FrameType
+from typing import Any
+
+import torch
+
+from config.errors import ErrorInfo, ModelError, PipeqError
+from config.registry import load_registry
+from config.settings import Settings
+from worker.batcher import Batcher, WorkItem
+from worker.forward_wire import receive, send
+from worker.pipelines import CallParams, StagedPipeline, load_staged
+
+log = logging.getLogger(__name__)
+
+# Answers are sent in groups: one socket write per group, not per item.
+ANSWER_GROUP = 512
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One part a front asks to forward."""
+
+    item_id: int
+    call_key: str
+    group: Hashable
+    length: int
+    lane_rank: int
+    expires_at: float | None
+    part: Any
+
+
+@dataclass(frozen=True)
+class Submission:
+    model: str
+    entries: list[Entry]
+    # Call params by key, sent once per connection: parts refer to them by key.
+    calls: dict[str, CallParams] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    size: int
+    forward_s: float
+    waited_s: list[float]
+    oom_splits: int = 0
+    gpu_memory: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    item_id: int
+    output: Any = None
+    error: ErrorInfo | None = None
+    batch: BatchReport | None = None
+
+
+class _Reports:
+    """The batchers' hooks: the report of the batch just run waits for its first answer."""
+
+    def __init__(self) -> None:
+        self.pending: BatchReport | None = None
+        self._oom_splits = 0
+
+    def on_batch(self, size: int, forward_s: float, waited_s: list[float]) -> None:
+        memory = None
+        if torch.cuda.is_available():
+            memory = (torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated())
+        self.pending = BatchReport(size, forward_s, waited_s, self._oom_splits, memory)
+        self._oom_splits = 0
+
+    def on_oom(self, size: int) -> None:
+        self._oom_splits += 1
+
+    def on_expired(self, count: int) -> None:
+        """Counted by the fronts, which see each expired part's error."""
+
+    def take(self) -> BatchReport | None:
+        report, self.pending = self.pending, None
+        return report
+
+
+class _Front:
+    """One connected front: its parts' answers leave through one sender thread."""
+
+    def __init__(self, conn: Connection, name: str) -> None:
+        self.conn = conn
+        self.name = name
+        self.calls: dict[str, CallParams] = {}
+        self.outbox: queue.SimpleQueue[Answer | None] = queue.SimpleQueue()
+        self.closed = False
+
+    def send_answers(self) -> None:
+        while (first := self.outbox.get()) is not None:
+            answers = [first]
+            while len(answers) < ANSWER_GROUP:
+                try:
+                    more = self.outbox.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self.closed = True
+                    break
+                answers.append(more)
+            try:
+                send(self.conn, answers)
+            except (OSError, EOFError):
+                log.warning("front %s went away; %d answers dropped", self.name, len(answers))
+                self.closed = True
+            if self.closed:
+                return
+
+
+@dataclass
+class ForwardModel:
+    """One model as the forward process holds it."""
+
+    staged: StagedPipeline
+    batcher: Batcher
+    reports: _Reports
+
+
+class ForwardServer:
+    def __init__(self, models: dict[str, ForwardModel]) -> None:
+        self.models = models
+
+    def serve(self, listener: Listener, stop: threading.Event) -> None:
+        """Accept fronts until `stop` is set; each gets a reader and a sender thread."""
+        count = 0
+        while not stop.is_set():
+            try:
+                conn = listener.accept()
+            except OSError:
+                if stop.is_set():
+                    return
+                raise
+            count += 1
+            front = _Front(conn, f"front-{count}")
+            out = threading.Thread(target=front.send_answers, name=f"{front.name}-out", daemon=True)
+            out.start()
+            threading.Thread(
+                target=self._read, args=(front,), name=f"{front.name}-in", daemon=True
+            ).start()
+
+    def _read(self, front: _Front) -> None:
+        while True:
+            try:
+                submission: Submission = receive(front.conn)
+            except (OSError, EOFError):
+                break
+            front.calls.update(submission.calls)
+            model = self.models.get(submission.model)
+            if model is None:
+                error = ModelError(f"the forward process does not hold {submission.model!r}")
+                for entry in submission.entries:
+                    front.outbox.put(Answer(entry.item_id, error=error.to_info()))
+                continue
+            model.batcher.submit(
+                [_work_item(front, entry, model.reports) for entry in submission.entries]
+            )
+        front.outbox.put(None)
+
+
+def _work_item(front: _Front, entry: Entry, reports: _Reports) -> WorkItem:
+    item = WorkItem(
+        part=entry.part,
+        group=entry.group,
+        call=front.calls[entry.call_key],
+        length=entry.length,
+        lane_rank=entry.lane_rank,
+        expires_at=entry.expires_at,
+    )
+    item_id = entry.item_id
+
+    def answer(future: Future[Any]) -> None:
+        # On the batcher's thread, right after the forward: a queue put, nothing more. The
+        # batch's first answer is resolved first, so it takes the batch's report.
+        error = future.exception()
+        if error is None:
+            front.outbox.put(Answer(item_id, output=future.result(), batch=reports.take()))
+        else:
+            info = error.to_info() if isinstance(error, PipeqError) else _unexpected(error)
+            front.outbox.put(Answer(item_id, error=info, batch=reports.take()))
+
+    item.future.add_done_callback(answer)
+    return item
+
+
+def _unexpected(error: BaseException) -> ErrorInfo:
+    log.error("forward failed unexpectedly: %r", error)
+    return ModelError(f"the forward pass failed ({type(error).__name__})").to_info()
+
+
+def serve_forward(settings: Settings, models: list[str] | None, socket: str) -> int:
+    """Load and warm the models, then serve fronts on the unix socket `socket` until SIGTERM."""
+    specs = load_registry(settings.models).select(models)
+    held = {}
+    for spec in specs:
+        staged, load_s = load_staged(spec, settings)
+        reports = _Reports()
+        batcher = Batcher(
+            spec.name,
+            staged.forward,
+            max_batch_size=spec.max_batch_size,
+            max_wait_ms=spec.max_wait_ms,
+            hooks=reports,
+        ).start()
+        held[spec.name] = ForwardModel(staged, batcher, reports)
+    # A forward process that was killed leaves its socket file behind; its successor takes it.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket)
+    listener = Listener(socket, family="AF_UNIX")
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+        listener.close()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("forward process serving %s on %s", ", ".join(held), socket)
+    ForwardServer(held).serve(listener, stop)
+    for model in held.values():
+        model.batcher.stop()
+    return 0
