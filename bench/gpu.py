@@ -558,6 +558,12 @@ def main() -> None:
         "--pipeq-only", action="store_true", help="skip the baselines (profiling runs)"
     )
     parser.add_argument(
+        "--front-concurrency",
+        type=int,
+        default=128,
+        help="jobs in flight per front (N-process run)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="py-spy the worker; dumps land in $OUT"
     )
     parser.add_argument(
@@ -641,7 +647,7 @@ def main() -> None:
             "--gpus",
             gpus,
             "--concurrency",
-            "128",
+            str(args.front_concurrency),
             "--procs-per-gpu",
             str(args.procs_per_gpu),
             "--name",

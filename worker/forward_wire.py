@@ -1,9 +1,9 @@
 """Messages between a worker's front processes and its forward process, over a local socket.
 
 Both ends are processes of one `pipeq worker` (never a job's sender), so the envelope is a
-pickle; tensor and array data travel beside it as out-of-band buffers (pickle protocol 5), so
-JPEG bytes, token ids and logits are copied once into the socket and once out, never pickled
-element by element.
+pickle; tensor and array data travel beside it as out-of-band buffers (pickle protocol 5) in the
+same message, so JPEG bytes, token ids and logits are copied into the socket and out, never
+pickled element by element.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-_COUNT = struct.Struct("!I")
+_HEAD = struct.Struct("!IQ")  # buffer count, envelope size
 
 
 def _tensor(buffer: Any, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -52,16 +52,26 @@ def _array(buffer: Any, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def send(conn: Connection, message: Any) -> None:
+    """`message` as one write: envelope and buffers in one blob, so a thread that must win the GIL
+    back after each system call (behind a hundred job threads) makes one call, not one a tensor."""
     buffers: list[pickle.PickleBuffer] = []
     envelope = io.BytesIO()
     _Pickler(envelope, protocol=5, buffer_callback=buffers.append).dump(message)
-    conn.send_bytes(_COUNT.pack(len(buffers)) + envelope.getbuffer())
-    for buffer in buffers:
-        conn.send_bytes(buffer.raw())
+    raws = [buffer.raw() for buffer in buffers]
+    sizes = struct.pack(f"!{len(raws)}Q", *(raw.nbytes for raw in raws))
+    head = _HEAD.pack(len(raws), envelope.getbuffer().nbytes) + sizes
+    conn.send_bytes(b"".join([head, envelope.getbuffer(), *raws]))
 
 
 def receive(conn: Connection) -> Any:
-    head = conn.recv_bytes()
-    (count,) = _COUNT.unpack_from(head)
-    buffers = [conn.recv_bytes() for _ in range(count)]
-    return pickle.loads(memoryview(head)[_COUNT.size :], buffers=buffers)
+    view = memoryview(conn.recv_bytes())
+    count, envelope_size = _HEAD.unpack_from(view)
+    sizes = struct.unpack_from(f"!{count}Q", view, _HEAD.size)
+    offset = _HEAD.size + 8 * count
+    envelope = view[offset : offset + envelope_size]
+    offset += envelope_size
+    buffers = []
+    for size in sizes:
+        buffers.append(view[offset : offset + size])
+        offset += size
+    return pickle.loads(envelope, buffers=buffers)
