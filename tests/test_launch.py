@@ -21,6 +21,7 @@ from config.errors import ConfigError
 from config.registry import load_registry
 from config.settings import Settings
 from producer.client import Client
+from producer.jobs import JobRequest
 from worker.launch import WorkerPlan, forward_command, front_command, plan_workers, visible_gpus
 
 PAIR_DB = 13  # its own broker database: only the pair below takes these jobs
@@ -116,11 +117,16 @@ def test_two_fronts_feed_one_forward_process(
         name="pair{proc}@%h",
         env={"PIPEQ_BROKER_URL": broker},
     )
+    deadline = time.monotonic() + 120  # start_worker waits for the first front's ready line only
+    while worker.log_path.read_text().count("pipeq worker ready") < 2:
+        assert time.monotonic() < deadline, worker.log_path.read_text()[-3000:]
+        time.sleep(0.1)
     roles = [" ".join(c.cmdline()) for c in psutil.Process(worker.proc.pid).children()]
     assert sum("--role forward" in r for r in roles) == 1
     assert sum("--role front" in r for r in roles) == 2
     texts = [f"text {i} " + "good " * (i % 11) for i in range(120)]
-    ids = [own.submit("tiny-sentiment", [text]) for text in texts]
+    requests = [JobRequest(model="tiny-sentiment", inputs=[text]) for text in texts]
+    ids = [doc.id for doc, _ in own.submit_many(requests)]
     docs = [own.wait(job_id, timeout_s=120) for job_id in ids]
     host = os.uname().nodename
     assert {d.worker for d in docs} == {f"pair0@{host}", f"pair1@{host}"}
