@@ -12,9 +12,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -210,10 +212,20 @@ def webhooks_worker(
     own_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[None]:
     log_path = tmp_path_factory.mktemp("results-logs") / "webhooks-worker.log"
+    with running_webhooks_worker(own_env, log_path, concurrency=8):
+        yield
+
+
+@contextmanager
+def running_webhooks_worker(
+    env: dict[str, str], log_path: Path, concurrency: int
+) -> Iterator[None]:
+    """`pipeq webhooks worker` as a subprocess, from its ready line until the block ends."""
     with log_path.open("w") as log:
+        command = [sys.executable, "-m", "producer.cli", "webhooks", "worker"]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "webhooks", "worker", "--concurrency", "8"],
-            env={**os.environ, **own_env, "PYTHONUNBUFFERED": "1", "PIPEQ_LOG_LEVEL": "INFO"},
+            [*command, "--concurrency", str(concurrency)],
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1", "PIPEQ_LOG_LEVEL": "INFO"},
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -6,10 +6,6 @@ with that secret alone. Real Redis (broker DB 8, records DB 9), a real uvicorn A
 from __future__ import annotations
 
 import base64
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +20,7 @@ from producer.jobs import owner_of, scoped_id
 from producer.webhooks import verify
 from tests.conftest import REDIS, WorkerProcess
 from tests.test_api import serve
-from tests.test_results_and_webhooks import Receiver
+from tests.test_results_and_webhooks import Receiver, running_webhooks_worker
 
 BROKER_DB, RESULT_DB = 8, 9
 KEY_A, KEY_B, KEY_C = "key-of-alice", "key-of-bob", "key-of-carol"
@@ -93,20 +89,8 @@ def webhooks_worker(
     env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[None]:
     log_path: Path = tmp_path_factory.mktemp("tenants-logs") / "webhooks-worker.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "webhooks", "worker", "--concurrency", "4"],
-            env={**os.environ, **env, "PYTHONUNBUFFERED": "1", "PIPEQ_LOG_LEVEL": "INFO"},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while "pipeq webhooks worker ready" not in log_path.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
+    with running_webhooks_worker(env, log_path, concurrency=4):
         yield
-        proc.terminate()
-        proc.wait(30)
 
 
 @pytest.fixture(scope="module")
