@@ -30,11 +30,13 @@ ADMISSION_DB = 6
 
 @pytest.fixture
 def fresh(settings: Settings) -> Settings:
-    """A broker database of its own, emptied: the session worker (if another test started it)
-    takes none of these jobs, and its heartbeats do not count as capacity here."""
+    """A database of its own for the broker and the records, emptied: the session worker (if
+    another test started it) takes none of these jobs, its heartbeats do not count as capacity
+    here, and its lost-job sweeper (which reads the records) never publishes these jobs again on
+    its own broker, where it would claim them and take their inputs off that broker's ledger."""
     broker = f"{REDIS}/{ADMISSION_DB}"
     redis.Redis.from_url(broker).flushdb()
-    return settings.model_copy(update={"broker_url": broker})
+    return settings.model_copy(update={"broker_url": broker, "result_url": broker})
 
 
 @pytest.fixture
@@ -42,7 +44,11 @@ def start_worker(start_worker: Any, fresh: Settings) -> Any:
     """conftest's `start_worker`, on this module's broker database."""
 
     def start(*args: str, name: str = "cpu@%h", env: dict[str, str] | None = None) -> Any:
-        own = {"PIPEQ_BROKER_URL": fresh.broker_url or "", **(env or {})}
+        own = {
+            "PIPEQ_BROKER_URL": fresh.broker_url or "",
+            "PIPEQ_RESULT_URL": fresh.result_url or "",
+            **(env or {}),
+        }
         return start_worker(*args, name=name, env=own)
 
     return start

@@ -285,7 +285,11 @@ def test_s3_manifest_to_s3_output(
 ) -> None:
     broker = worker_env["PIPEQ_BROKER_URL"].rsplit("/", 1)[0] + f"/{S3_BROKER_DB}"
     redis.Redis.from_url(broker).flushdb()
-    s3_env = {"PIPEQ_BROKER_URL": broker, "PIPEQ_S3_ENDPOINT_URL": s3_endpoint}
+    s3_env = {
+        "PIPEQ_BROKER_URL": broker,
+        "PIPEQ_RESULT_URL": broker,
+        "PIPEQ_S3_ENDPOINT_URL": s3_endpoint,
+    }
     start_worker("--models", "tiny-vit", "--concurrency", "8", name="s3@%h", env=s3_env)
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     s3.create_bucket(Bucket="photos")
@@ -293,7 +297,11 @@ def test_s3_manifest_to_s3_output(
     for i, key in enumerate(keys):
         s3.put_object(Bucket="photos", Key=key, Body=png(i))
     s3.put_object(Bucket="photos", Key="batch1/broken.png", Body=b"not a png")
-    own = Client(settings.model_copy(update={"broker_url": broker, "s3_endpoint_url": s3_endpoint}))
+    own = Client(
+        settings.model_copy(
+            update={"broker_url": broker, "result_url": broker, "s3_endpoint_url": s3_endpoint}
+        )
+    )
 
     summary = backfill(
         own,

@@ -106,7 +106,7 @@ def test_two_fronts_feed_one_forward_process(
     are answered as `pipeline()` answers them."""
     broker = worker_env["PIPEQ_BROKER_URL"].rsplit("/", 1)[0] + f"/{PAIR_DB}"
     redis.Redis.from_url(broker).flushdb()
-    own = Client(settings.model_copy(update={"broker_url": broker}))
+    own = Client(settings.model_copy(update={"broker_url": broker, "result_url": broker}))
     worker = start_worker(
         "--models",
         "tiny-sentiment",
@@ -115,7 +115,7 @@ def test_two_fronts_feed_one_forward_process(
         "--concurrency",
         "4",
         name="pair{proc}@%h",
-        env={"PIPEQ_BROKER_URL": broker},
+        env={"PIPEQ_BROKER_URL": broker, "PIPEQ_RESULT_URL": broker},
     )
     deadline = time.monotonic() + 120  # start_worker waits for the first front's ready line only
     while worker.log_path.read_text().count("pipeq worker ready") < 2:

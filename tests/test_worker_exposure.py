@@ -43,7 +43,7 @@ def test_worker_metrics_bind_loopback_and_its_log_names_jobs_only(
     # A broker database of its own: the session worker must not take the job (its log is read).
     broker = worker_env["PIPEQ_BROKER_URL"].rsplit("/", 1)[0] + f"/{EXPOSURE_DB}"
     redis.Redis.from_url(broker).flushdb()
-    client = Client(settings.model_copy(update={"broker_url": broker}))
+    client = Client(settings.model_copy(update={"broker_url": broker, "result_url": broker}))
     port = _free_port()
     worker = start_worker(
         "--models",
@@ -53,6 +53,7 @@ def test_worker_metrics_bind_loopback_and_its_log_names_jobs_only(
             "PIPEQ_LOG_LEVEL": "INFO",
             "PIPEQ_METRICS_PORT": str(port),
             "PIPEQ_BROKER_URL": broker,
+            "PIPEQ_RESULT_URL": broker,
         },
     )
     assert "pipeq_jobs" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text

@@ -29,14 +29,17 @@ def _png(width: int, height: int, mode: str) -> dict[str, str]:
     return {"data": base64.b64encode(buffer.getvalue()).decode(), "mime": "image/png"}
 
 
-def test_an_image_over_the_memory_bound_fails_alone(start_worker: Any, client: Client) -> None:
+def test_an_image_over_the_memory_bound_fails_alone(
+    start_worker: Any, own_env: dict[str, str], own_client: Client
+) -> None:
+    client = own_client  # a Redis of its own: no other worker (the session's) may take the bomb
     worker = start_worker(
         "--models",
         "tiny-vit",
         "--concurrency",
         "1",
         name="bounded@%h",
-        env={"PIPEQ_WORKER_MEMORY_HEADROOM_MB": "96", "PIPEQ_LOG_LEVEL": "INFO"},
+        env={**own_env, "PIPEQ_WORKER_MEMORY_HEADROOM_MB": "96", "PIPEQ_LOG_LEVEL": "INFO"},
     )
     assert "worker private memory bounded at" in worker.log_path.read_text()
     bomb, small = _png(10_000, 4_000, "RGBA"), _png(64, 48, "RGB")
