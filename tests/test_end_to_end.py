@@ -191,9 +191,9 @@ def test_sigkilled_worker_loses_no_queued_job(
     # Its own broker database, so the session worker cannot take these jobs.
     broker = worker_env["PIPEQ_BROKER_URL"].rsplit("/", 1)[0] + "/13"
     redis.Redis.from_url(broker).flushdb()
-    own = Client(settings.model_copy(update={"broker_url": broker}))
+    own = Client(settings.model_copy(update={"broker_url": broker, "result_url": broker}))
     ids = [own.submit("tiny-sentiment", [f"text {i} " * (i % 20 + 1)]) for i in range(300)]
-    env = {"PIPEQ_BROKER_URL": broker}
+    env = {"PIPEQ_BROKER_URL": broker, "PIPEQ_RESULT_URL": broker}
     victim = start_worker(
         "--concurrency", "4", "--models", "tiny-sentiment", name="victim@%h", env=env
     )
@@ -233,9 +233,13 @@ def test_identical_references_in_a_job_are_fetched_once(
     threading.Thread(target=server.serve_forever, daemon=True).start()
     broker = worker_env["PIPEQ_BROKER_URL"].rsplit("/", 1)[0] + "/5"
     redis.Redis.from_url(broker).flushdb()
-    env = {"PIPEQ_BROKER_URL": broker, "PIPEQ_ALLOW_PRIVATE_URLS": "true"}
+    env = {
+        "PIPEQ_BROKER_URL": broker,
+        "PIPEQ_RESULT_URL": broker,
+        "PIPEQ_ALLOW_PRIVATE_URLS": "true",
+    }
     start_worker("--models", "tiny-vit", name="fetcher@%h", env=env)
-    own = Client(settings.model_copy(update={"broker_url": broker}))
+    own = Client(settings.model_copy(update={"broker_url": broker, "result_url": broker}))
     base = f"http://127.0.0.1:{server.server_address[1]}"
     inputs = [{"url": f"{base}/a.png"}, {"url": f"{base}/b.png"}, {"url": f"{base}/a.png"}]
     try:

@@ -197,9 +197,9 @@ def test_worker_metrics_count_the_jobs_run(
     start_worker: Any, worker_env: dict[str, str], settings: Settings
 ) -> None:
     broker = _own_broker(worker_env, 11)
-    own = Client(settings.model_copy(update={"broker_url": broker}))
+    own = Client(settings.model_copy(update={"broker_url": broker, "result_url": broker}))
     port = _free_port()
-    env = {"PIPEQ_BROKER_URL": broker, "PIPEQ_METRICS_PORT": str(port)}
+    env = {"PIPEQ_BROKER_URL": broker, "PIPEQ_RESULT_URL": broker, "PIPEQ_METRICS_PORT": str(port)}
     start_worker("--models", "tiny-sentiment", name="metrics@%h", env=env)
     scrape = f"http://127.0.0.1:{port}/metrics"
     before = httpx.get(scrape, timeout=10).text
@@ -226,7 +226,7 @@ def test_worker_metrics_count_the_jobs_run(
 
 def test_api_metrics_show_queue_depth(worker_env: dict[str, str], settings: Settings) -> None:
     broker = _own_broker(worker_env, 10)
-    idle = Client(settings.model_copy(update={"broker_url": broker}))
+    idle = Client(settings.model_copy(update={"broker_url": broker, "result_url": broker}))
     http = TestClient(create_app(idle))
     for lane, count in (("interactive", 3), ("bulk", 5)):
         for i in range(count):

@@ -268,8 +268,8 @@ def test_ocr_past_its_timeout_fails_only_that_input(
 ) -> None:
     broker = worker_env["PIPEQ_BROKER_URL"].rsplit("/", 1)[0] + "/11"
     redis.Redis.from_url(broker).flushdb()
-    own = Client(settings.model_copy(update={"broker_url": broker}))
-    env = {"PIPEQ_BROKER_URL": broker, "PIPEQ_OCR_TIMEOUT_S": "0.001"}
+    own = Client(settings.model_copy(update={"broker_url": broker, "result_url": broker}))
+    env = {"PIPEQ_BROKER_URL": broker, "PIPEQ_RESULT_URL": broker, "PIPEQ_OCR_TIMEOUT_S": "0.001"}
     start_worker("--models", "tiny-docqa", name="ocr@%h", env=env)
     question = "What is the invoice number?"
     boxes = [

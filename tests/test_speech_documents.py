@@ -257,9 +257,9 @@ def test_long_jobs_batched_together_with_progress(
     run, and all four answer as pipeline() does."""
     broker = worker_env["PIPEQ_BROKER_URL"].rsplit("/", 1)[0] + "/12"
     redis.Redis.from_url(broker).flushdb()
-    own = Client(settings.model_copy(update={"broker_url": broker}))
+    own = Client(settings.model_copy(update={"broker_url": broker, "result_url": broker}))
     port = _free_port()
-    env = {"PIPEQ_BROKER_URL": broker, "PIPEQ_METRICS_PORT": str(port)}
+    env = {"PIPEQ_BROKER_URL": broker, "PIPEQ_RESULT_URL": broker, "PIPEQ_METRICS_PORT": str(port)}
     files = {}
     for name, seconds, seed in [
         ("bulk0", 300.0, 4),

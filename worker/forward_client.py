@@ -109,7 +109,7 @@ class ForwardClient:
             for item_id, item in batch
         ]
         try:
-            send(conn, Submission(self.name, entries, calls))
+            send(conn, Submission(self.name, entries, calls).to_wire())
             self._calls_sent.update(calls)
         except (OSError, EOFError):
             pass  # the reader sees the connection drop and sends these again
@@ -117,7 +117,7 @@ class ForwardClient:
     def _read_loop(self) -> None:
         while True:
             try:
-                answers: list[Answer] = receive(self._conn)
+                answers = [Answer.from_wire(answer) for answer in receive(self._conn)]
             except (OSError, EOFError):
                 if self._stopping and not self._in_flight:
                     return

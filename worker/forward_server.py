@@ -14,6 +14,7 @@ batch are answered into a closed socket and dropped). The process exits when its
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -54,12 +55,39 @@ class Entry:
     part: Any
 
 
+    def to_wire(self) -> list[Any]:
+        return [
+            self.item_id,
+            self.call_key,
+            self.group,
+            self.length,
+            self.lane_rank,
+            self.expires_at,
+            self.part,
+        ]
+
+
 @dataclass(frozen=True)
 class Submission:
     model: str
     entries: list[Entry]
     # Call params by key, sent once per connection: parts refer to them by key.
     calls: dict[str, CallParams] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "entries": [entry.to_wire() for entry in self.entries],
+            "calls": {key: dataclasses.asdict(call) for key, call in self.calls.items()},
+        }
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Submission:
+        return cls(
+            wire["model"],
+            [Entry(*entry) for entry in wire["entries"]],
+            {key: CallParams(**call) for key, call in wire["calls"].items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -77,6 +105,21 @@ class Answer:
     output: Any = None
     error: ErrorInfo | None = None
     batch: BatchReport | None = None
+
+    def to_wire(self) -> list[Any]:
+        error = None if self.error is None else self.error.model_dump()
+        batch = None if self.batch is None else dataclasses.asdict(self.batch)
+        return [self.item_id, self.output, error, batch]
+
+    @classmethod
+    def from_wire(cls, wire: list[Any]) -> Answer:
+        item_id, output, error, batch = wire
+        return cls(
+            item_id,
+            output,
+            None if error is None else ErrorInfo.model_validate(error),
+            None if batch is None else BatchReport(**batch),
+        )
 
 
 class _Reports:
@@ -127,7 +170,7 @@ class _Front:
                     break
                 answers.append(more)
             try:
-                send(self.conn, answers)
+                send(self.conn, [answer.to_wire() for answer in answers])
             except (OSError, EOFError):
                 log.warning("front %s went away; %d answers dropped", self.name, len(answers))
                 self.closed = True
@@ -169,7 +212,7 @@ class ForwardServer:
     def _read(self, front: _Front) -> None:
         while True:
             try:
-                submission: Submission = receive(front.conn)
+                submission = Submission.from_wire(receive(front.conn))
             except (OSError, EOFError):
                 break
             front.calls.update(submission.calls)

@@ -1,77 +1,196 @@
 """Messages between a worker's front processes and its forward process, over a local socket.
 
-Both ends are processes of one `pipeq worker` (never a job's sender), so the envelope is a
-pickle; tensor and array data travel beside it as out-of-band buffers (pickle protocol 5) in the
-same message, so JPEG bytes, token ids and logits are copied into the socket and out, never
-pickled element by element.
+A message is one write: a JSON header, then the raw bytes of every tensor, array and byte string
+it holds, back to back. The header is the message's tree with each of those replaced by a
+reference to its buffer (dtype, shape, index), so JPEG bytes, token ids and logits are copied into
+the socket and out, never encoded element by element, and nothing received is unpickled: a
+message can only ever decode to data (JSON values, tuples, tensors, arrays, bytes, and the
+library's own output mappings, by the name of a class already loaded).
+
+Encoded forms (objects with one `$` key; a dict whose keys are not all plain strings goes as
+`$items`): `{"$t": [i, dtype, shape]}` tensor, `{"$a": [i, dtype, shape]}` numpy array,
+`{"$b": i}` bytes, `{"$s": [dtype, value]}` numpy scalar, `{"$tuple": [...]}`,
+`{"$items": [class or null, [[key, value], ...]]}`.
 """
 
 from __future__ import annotations
 
-import io
-import pickle
+import json
 import struct
+from collections.abc import Mapping
 from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
 import torch
+from transformers import BatchEncoding
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.utils import ModelOutput
 
-_HEAD = struct.Struct("!IQ")  # buffer count, envelope size
-
-
-def _tensor(buffer: Any, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    # bytearray: a writable copy, which torch.frombuffer wants (a bytes view would warn).
-    flat = torch.frombuffer(bytearray(buffer), dtype=torch.uint8) if len(buffer) else None
-    target = getattr(torch, dtype)
-    if flat is None:
-        return torch.empty(shape, dtype=target)
-    return flat.view(target).reshape(shape)
+_HEAD = struct.Struct("!I")  # header size
 
 
-class _Pickler(pickle.Pickler):
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
-            tensor = obj.detach()
+class WireError(TypeError):
+    """A value the wire does not carry (a programming error in pipeq, not a job's input)."""
+
+
+def _mapping_classes() -> dict[str, type]:
+    """Mapping types a message may name: transformers' model outputs, tokenizer and processor
+    batches, and their subclasses, among the classes already imported. Nothing is imported
+    because a message names it."""
+    found: dict[str, type] = {}
+    pending: list[type] = [ModelOutput, BatchEncoding, BatchFeature]
+    while pending:
+        cls = pending.pop()
+        found[_class_name(cls)] = cls
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+_classes: dict[str, type] = {}
+
+
+def _class_named(name: str) -> type:
+    global _classes
+    if name not in _classes:
+        _classes = _mapping_classes()
+    if name not in _classes:
+        raise WireError(f"no mapping class {name!r} is loaded here")
+    return _classes[name]
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class _Encoder:
+    def __init__(self) -> None:
+        self.buffers: list[memoryview] = []
+
+    def _buffer(self, raw: Any) -> int:
+        self.buffers.append(memoryview(raw).cast("B"))
+        return len(self.buffers) - 1
+
+    def encode(self, value: Any) -> Any:
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, list):
+            return [self.encode(v) for v in value]
+        if isinstance(value, tuple):
+            return {"$tuple": [self.encode(v) for v in value]}
+        if isinstance(value, Mapping):
+            return self._mapping(value)
+        return self._data(value)
+
+    def _mapping(self, value: Mapping[Any, Any]) -> Any:
+        if type(value) is dict and all(
+            isinstance(k, str) and not k.startswith("$") for k in value
+        ):
+            return {k: self.encode(v) for k, v in value.items()}
+        cls = None if type(value) is dict else _class_name(type(value))
+        if cls is not None and _class_named(cls) is not type(value):
+            raise WireError(f"cannot send a {type(value).__name__}")
+        return {
+            "$items": [
+                cls,
+                [[self.encode(k), self.encode(v)] for k, v in value.items()],
+            ]
+        }
+
+    def _data(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach()
             if tensor.device.type != "cpu":
                 tensor = tensor.cpu()
             raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
             dtype = str(tensor.dtype).removeprefix("torch.")
-            return _tensor, (pickle.PickleBuffer(raw), dtype, tuple(tensor.shape))
-        if isinstance(obj, np.ndarray) and obj.dtype != object:
-            return _array, (
-                pickle.PickleBuffer(np.ascontiguousarray(obj).reshape(-1)),
-                obj.dtype.str,
-                obj.shape,
-            )
-        return NotImplemented
+            return {"$t": [self._buffer(raw), dtype, list(tensor.shape)]}
+        if isinstance(value, np.ndarray) and not value.dtype.hasobject:
+            raw = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+            return {"$a": [self._buffer(raw), value.dtype.str, list(value.shape)]}
+        if isinstance(value, np.generic):
+            return {"$s": [value.dtype.str, value.item()]}
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return {"$b": self._buffer(value)}
+        raise WireError(f"cannot send a {type(value).__name__}")
 
 
-def _array(buffer: Any, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    return np.frombuffer(bytearray(buffer), dtype=np.dtype(dtype)).reshape(shape)
+def _tensor(body: Any, buffers: list[memoryview]) -> torch.Tensor:
+    index, dtype, shape = body
+    target = getattr(torch, dtype, None)
+    if not isinstance(target, torch.dtype):
+        raise WireError(f"{dtype!r} is not a torch dtype")
+    raw = buffers[index]
+    if not len(raw):
+        return torch.empty(shape, dtype=target)
+    # bytearray: a writable copy, which torch.frombuffer wants (a bytes view would warn).
+    return (
+        torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(target).reshape(shape)
+    )
+
+
+def _array(body: Any, buffers: list[memoryview]) -> np.ndarray:
+    index, dtype, shape = body
+    kind = np.dtype(dtype)
+    if kind.hasobject:
+        raise WireError("an array of Python objects cannot be received")
+    return np.frombuffer(bytearray(buffers[index]), dtype=kind).reshape(shape)
+
+
+def _items(body: Any, buffers: list[memoryview]) -> Any:
+    cls, items = body
+    pairs = {_decode(k, buffers): _decode(v, buffers) for k, v in items}
+    return pairs if cls is None else _class_named(cls)(pairs)
+
+
+_TAGS = {
+    "$t": _tensor,
+    "$a": _array,
+    "$b": lambda body, buffers: bytes(buffers[body]),
+    "$s": lambda body, _: np.dtype(body[0]).type(body[1]),
+    "$tuple": lambda body, buffers: tuple(_decode(v, buffers) for v in body),
+    "$items": _items,
+}
+
+
+def _decode(node: Any, buffers: list[memoryview]) -> Any:
+    if isinstance(node, list):
+        return [_decode(v, buffers) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if len(node) == 1:
+        ((tag, body),) = node.items()
+        if tag in _TAGS:
+            return _TAGS[tag](body, buffers)
+    return {k: _decode(v, buffers) for k, v in node.items()}
+
+
+def encode(message: Any) -> bytes:
+    encoder = _Encoder()
+    tree = encoder.encode(message)
+    header = json.dumps(
+        {"tree": tree, "sizes": [b.nbytes for b in encoder.buffers]}
+    ).encode()
+    return b"".join([_HEAD.pack(len(header)), header, *encoder.buffers])
+
+
+def decode(data: bytes | memoryview) -> Any:
+    view = memoryview(data)
+    (size,) = _HEAD.unpack_from(view)
+    header = json.loads(bytes(view[_HEAD.size : _HEAD.size + size]))
+    offset = _HEAD.size + size
+    buffers = []
+    for nbytes in header["sizes"]:
+        buffers.append(view[offset : offset + nbytes])
+        offset += nbytes
+    return _decode(header["tree"], buffers)
 
 
 def send(conn: Connection, message: Any) -> None:
-    """`message` as one write: envelope and buffers in one blob, so a thread that must win the GIL
-    back after each system call (behind a hundred job threads) makes one call, not one a tensor."""
-    buffers: list[pickle.PickleBuffer] = []
-    envelope = io.BytesIO()
-    _Pickler(envelope, protocol=5, buffer_callback=buffers.append).dump(message)
-    raws = [buffer.raw() for buffer in buffers]
-    sizes = struct.pack(f"!{len(raws)}Q", *(raw.nbytes for raw in raws))
-    head = _HEAD.pack(len(raws), envelope.getbuffer().nbytes) + sizes
-    conn.send_bytes(b"".join([head, envelope.getbuffer(), *raws]))
+    """`message` as one write, so a thread that must win the GIL back after each system call
+    (behind a hundred job threads) makes one call, not one a tensor."""
+    conn.send_bytes(encode(message))
 
 
 def receive(conn: Connection) -> Any:
-    view = memoryview(conn.recv_bytes())
-    count, envelope_size = _HEAD.unpack_from(view)
-    sizes = struct.unpack_from(f"!{count}Q", view, _HEAD.size)
-    offset = _HEAD.size + 8 * count
-    envelope = view[offset : offset + envelope_size]
-    offset += envelope_size
-    buffers = []
-    for size in sizes:
-        buffers.append(view[offset : offset + size])
-        offset += size
-    return pickle.loads(envelope, buffers=buffers)
+    return decode(conn.recv_bytes())
