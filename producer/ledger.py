@@ -23,6 +23,7 @@ import redis
 
 from config.errors import Overloaded
 from config.settings import Settings
+from producer.combine import Combiner
 
 _BACKLOG = "pipeq:backlog"
 _RATE = "pipeq:rate:"
@@ -39,6 +40,8 @@ class QueueLedger:
     def __init__(self, client: redis.Redis, stale_s: float) -> None:
         self._redis = client
         self._stale_s = stale_s
+        # A worker's job threads claim at the same moments: their takes share a round trip.
+        self._takes = Combiner(self._take_many)
 
     def add(self, counts: Mapping[Lane, int], sign: int = 1) -> None:
         with self._redis.pipeline(transaction=False) as pipe:
@@ -47,7 +50,14 @@ class QueueLedger:
             pipe.execute()
 
     def take(self, model: str, lane: str, count: int) -> None:
-        self.add({(model, lane): count}, sign=-1)
+        self._takes((model, lane, count))
+
+    def _take_many(self, takes: list[tuple[str, str, int]]) -> list[None]:
+        counts: dict[Lane, int] = {}
+        for model, lane, count in takes:
+            counts[(model, lane)] = counts.get((model, lane), 0) + count
+        self.add(counts, sign=-1)
+        return [None] * len(takes)
 
     def backlog(self, lanes: Iterable[Lane]) -> dict[Lane, int]:
         keys = list(lanes)

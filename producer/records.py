@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import redis
 
+from producer.combine import Combiner
 from producer.jobs import JobDocument
 
 _KEY = "pipeq:job:"
@@ -107,6 +108,11 @@ class RedisRecords:
         self._ttl_s = ttl_s
         self._cas = self._redis.register_script(_CAS)
         self._create = self._redis.register_script(_CREATE)
+        # Concurrent calls share round trips (producer/combine.py): a worker's job threads
+        # read, claim and store their records at the same moments.
+        self._gets = Combiner(self._get_many)
+        self._transitions = Combiner(self._transition_many)
+        self._puts = Combiner(self._put_many)
 
     def create_many(
         self, entries: list[tuple[JobDocument, str, str]]
@@ -165,34 +171,61 @@ class RedisRecords:
         self._redis.delete(_KEY + job_id)
 
     def get(self, job_id: str) -> JobDocument | None:
-        raw = self._redis.hget(_KEY + job_id, "doc")
-        return None if raw is None else JobDocument.model_validate_json(raw)
+        return self._gets(job_id)
+
+    def _get_many(self, job_ids: list[str]) -> list[JobDocument | None]:
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(_KEY + job_id, "doc")
+        return [
+            None if raw is None else JobDocument.model_validate_json(raw) for raw in pipe.execute()
+        ]
 
     def transition(
         self, doc: JobDocument, from_statuses: tuple[str, ...], deliveries: int | None = None
     ) -> tuple[bool, JobDocument | None]:
-        held = "" if deliveries is None else deliveries
-        result = self._cas(
-            keys=[_KEY + doc.id, pending_key(doc.model, doc.lane)],
-            args=[doc.status, doc.model_dump_json(), self._ttl_s, doc.id, held, *from_statuses],
-        )
-        if result is None:
-            return False, None
-        changed, raw = result
-        if changed and doc.done:
-            pipe = self._redis.pipeline()
-            self._signal_finished(pipe, doc.id)
-            pipe.execute()
-        return bool(changed), None if raw is None else JobDocument.model_validate_json(raw)
+        return self._transitions((doc, from_statuses, deliveries))
+
+    def _transition_many(
+        self, changes: list[tuple[JobDocument, tuple[str, ...], int | None]]
+    ) -> list[tuple[bool, JobDocument | None]]:
+        pipe = self._redis.pipeline(transaction=False)
+        for doc, from_statuses, deliveries in changes:
+            held = "" if deliveries is None else deliveries
+            self._cas(
+                keys=[_KEY + doc.id, pending_key(doc.model, doc.lane)],
+                args=[doc.status, doc.model_dump_json(), self._ttl_s, doc.id, held, *from_statuses],
+                client=pipe,
+            )
+        answers: list[tuple[bool, JobDocument | None]] = []
+        finished = self._redis.pipeline()
+        for (doc, _, _), result in zip(changes, pipe.execute(), strict=True):
+            if result is None:
+                answers.append((False, None))
+                continue
+            changed, raw = result
+            if changed and doc.done:
+                self._signal_finished(finished, doc.id)
+            answers.append(
+                (bool(changed), None if raw is None else JobDocument.model_validate_json(raw))
+            )
+        if len(finished):
+            finished.execute()
+        return answers
 
     def put(self, doc: JobDocument) -> None:
-        key = _KEY + doc.id
+        self._puts(doc)
+
+    def _put_many(self, docs: list[JobDocument]) -> list[None]:
         pipe = self._redis.pipeline()
-        pipe.hset(key, mapping={"status": doc.status, "doc": doc.model_dump_json()})
-        pipe.expire(key, self._ttl_s)
-        if doc.done:
-            self._signal_finished(pipe, doc.id)
+        for doc in docs:
+            key = _KEY + doc.id
+            pipe.hset(key, mapping={"status": doc.status, "doc": doc.model_dump_json()})
+            pipe.expire(key, self._ttl_s)
+            if doc.done:
+                self._signal_finished(pipe, doc.id)
         pipe.execute()
+        return [None] * len(docs)
 
     @staticmethod
     def _signal_finished(pipe: Any, job_id: str) -> None:
