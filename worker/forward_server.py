@@ -54,7 +54,6 @@ class Entry:
     expires_at: float | None
     part: Any
 
-
     def to_wire(self) -> list[Any]:
         return [
             self.item_id,

@@ -83,9 +83,7 @@ class _Encoder:
         return self._data(value)
 
     def _mapping(self, value: Mapping[Any, Any]) -> Any:
-        if type(value) is dict and all(
-            isinstance(k, str) and not k.startswith("$") for k in value
-        ):
+        if type(value) is dict and all(isinstance(k, str) and not k.startswith("$") for k in value):
             return {k: self.encode(v) for k, v in value.items()}
         cls = None if type(value) is dict else _class_name(type(value))
         if cls is not None and _class_named(cls) is not type(value):
@@ -124,9 +122,7 @@ def _tensor(body: Any, buffers: list[memoryview]) -> torch.Tensor:
     if not len(raw):
         return torch.empty(shape, dtype=target)
     # bytearray: a writable copy, which torch.frombuffer wants (a bytes view would warn).
-    return (
-        torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(target).reshape(shape)
-    )
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(target).reshape(shape)
 
 
 def _array(body: Any, buffers: list[memoryview]) -> np.ndarray:
@@ -168,9 +164,7 @@ def _decode(node: Any, buffers: list[memoryview]) -> Any:
 def encode(message: Any) -> bytes:
     encoder = _Encoder()
     tree = encoder.encode(message)
-    header = json.dumps(
-        {"tree": tree, "sizes": [b.nbytes for b in encoder.buffers]}
-    ).encode()
+    header = json.dumps({"tree": tree, "sizes": [b.nbytes for b in encoder.buffers]}).encode()
     return b"".join([_HEAD.pack(len(header)), header, *encoder.buffers])
 
 
