@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import redis
+from redis.exceptions import NoScriptError
 
 from producer.combine import Combiner
 from producer.jobs import JobDocument
@@ -189,17 +190,15 @@ class RedisRecords:
     def _transition_many(
         self, changes: list[tuple[JobDocument, tuple[str, ...], int | None]]
     ) -> list[tuple[bool, JobDocument | None]]:
-        pipe = self._redis.pipeline(transaction=False)
+        calls = []
         for doc, from_statuses, deliveries in changes:
             held = "" if deliveries is None else deliveries
-            self._cas(
-                keys=[_KEY + doc.id, pending_key(doc.model, doc.lane)],
-                args=[doc.status, doc.model_dump_json(), self._ttl_s, doc.id, held, *from_statuses],
-                client=pipe,
-            )
+            keys = [_KEY + doc.id, pending_key(doc.model, doc.lane)]
+            args = [doc.status, doc.model_dump_json(), self._ttl_s, doc.id, held, *from_statuses]
+            calls.append((keys, args))
         answers: list[tuple[bool, JobDocument | None]] = []
         finished = self._redis.pipeline()
-        for (doc, _, _), result in zip(changes, pipe.execute(), strict=True):
+        for (doc, _, _), result in zip(changes, self._run_cas(calls), strict=True):
             if result is None:
                 answers.append((False, None))
                 continue
@@ -212,6 +211,22 @@ class RedisRecords:
         if len(finished):
             finished.execute()
         return answers
+
+    def _run_cas(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """The CAS script over `calls` in one round trip. By its hash: a redis-py pipeline that
+        holds a `Script` asks SCRIPT EXISTS first, a second round trip per batch. A server that
+        lost its scripts (restarted) refuses every call of the batch, and it runs again."""
+        try:
+            return self._cas_pipeline(calls).execute()
+        except NoScriptError:
+            self._cas.sha = self._redis.script_load(_CAS)
+            return self._cas_pipeline(calls).execute()
+
+    def _cas_pipeline(self, calls: list[tuple[list[str], list[Any]]]) -> Any:
+        pipe = self._redis.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(self._cas.sha, len(keys), *keys, *args)
+        return pipe
 
     def put(self, doc: JobDocument) -> None:
         self._puts(doc)

@@ -70,3 +70,17 @@ def test_records_from_many_threads_land_on_their_own_jobs() -> None:
         back = list(pool.map(records.get, [doc.id for doc in docs]))
     assert [doc.outputs if doc else None for doc in back] == [[i] for i in range(300)]
     assert records.get("no-such-job") is None
+
+
+def test_a_claim_after_the_server_lost_its_scripts() -> None:
+    """Claims run the CAS script by its hash; a restarted Redis has none, and the claim still lands."""
+    url = f"{REDIS}/2"
+    redis.Redis.from_url(url).flushdb()
+    records = RedisRecords(url, ttl_s=60)
+    queued = JobDocument(id="job-x", model="m", status="queued", lane="bulk")
+    records.put(queued)
+    redis.Redis.from_url(url).script_flush()
+    changed, _ = records.transition(queued.model_copy(update={"status": "running"}), ("queued",))
+    assert changed
+    stored = records.get("job-x")
+    assert stored is not None and stored.status == "running"

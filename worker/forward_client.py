@@ -1,7 +1,9 @@
 """A front's handle on the forward process: `submit` like a `Batcher`, answers as futures.
 
-Parts submitted from any thread are sent by one sender thread, as many as are waiting in one
-message; a reader thread resolves each part's future from the answers. If the forward process
+A thread that submits parts sends them itself, with every part other threads queued meanwhile
+(one message; while it writes, the next submitters queue theirs for the next message), so no
+hand-off to a sender thread costs a wait for the GIL; a reader thread resolves each part's future
+from the answers. If the forward process
 goes away (killed, restarted by the supervisor), the front reconnects and sends again every part
 still unanswered, so a forward crash costs time, not jobs; a part sent `MAX_SENDS` times without
 an answer (it may be what kills the forward process) fails alone with `ModelError`.
@@ -20,7 +22,7 @@ from multiprocessing.connection import Connection
 from config.errors import ErrorInfo, Expired, ModelError, PipeqError
 from worker.batcher import BatchHooks, WorkItem
 from worker.forward_server import Answer, Entry, Submission
-from worker.forward_wire import receive, send
+from worker.forward_wire import WireError, receive, send
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +52,12 @@ class ForwardClient:
         self._calls_sent: set[str] = set()
         self._conn = connect()
         self._stopping = False
-        self._sender = threading.Thread(target=self._send_loop, name=f"to-forward-{model}")
+        self._sending = False
         self._reader = threading.Thread(
             target=self._read_loop, name=f"from-forward-{model}", daemon=True
         )
 
     def start(self) -> ForwardClient:
-        self._sender.start()
         self._reader.start()
         return self
 
@@ -65,7 +66,10 @@ class ForwardClient:
             if self._stopping:
                 raise RuntimeError(f"forward client {self.name} is stopped")
             self._outgoing.extend((next(self._ids), item) for item in items)
-            self._cond.notify()
+            if self._sending:
+                return  # the thread sending now sends these next
+            self._sending = True
+        self._send_queued()
 
     def stop(self) -> None:
         """Wait for every part sent to be answered, then stop."""
@@ -74,15 +78,14 @@ class ForwardClient:
             self._cond.notify_all()
             while self._in_flight or self._outgoing:
                 self._cond.wait(0.1)
-        self._sender.join()
         self._conn.close()
 
-    def _send_loop(self) -> None:
+    def _send_queued(self) -> None:
+        """Send what is queued until nothing is; only the thread that set `_sending` calls it."""
         while True:
             with self._cond:
-                while not self._outgoing and not self._stopping:
-                    self._cond.wait()
                 if not self._outgoing:
+                    self._sending = False
                     return
                 batch, self._outgoing = self._outgoing, []
                 for item_id, item in batch:
@@ -113,6 +116,15 @@ class ForwardClient:
             self._calls_sent.update(calls)
         except (OSError, EOFError):
             pass  # the reader sees the connection drop and sends these again
+        except WireError:
+            # A part the wire cannot carry is pipeq's bug: its inputs fail, the front goes on.
+            log.exception("parts for %s could not be sent", self.name)
+            with self._cond:
+                for item_id, item in batch:
+                    self._in_flight.pop(item_id, None)
+                    item.future.set_exception(
+                        ModelError("this input could not be sent to the model")
+                    )
 
     def _read_loop(self) -> None:
         while True:
@@ -173,6 +185,10 @@ class ForwardClient:
                     again.append((item_id, item))
             self._outgoing[:0] = again
             self._cond.notify_all()
+            if self._sending:
+                return
+            self._sending = True
+        self._send_queued()
 
 
 def _error(info: ErrorInfo) -> PipeqError:

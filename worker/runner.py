@@ -214,8 +214,13 @@ class JobRunner:
             key = item if isinstance(item, str) else item.model_dump_json()
             if key not in first:
                 served.permits.acquire()
-                first[key] = self._prefetch.submit(
+                prepare = partial(
                     self._prepare, job.id, served, item, call, rank, expires_at, progress
+                )
+                # A text needs no fetch: preparing it on the job's own thread saves a hand-off
+                # to the prefetch pool and back (each one a wait for the GIL in a busy front).
+                first[key] = (
+                    _done(prepare) if isinstance(item, str) else self._prefetch.submit(prepare)
                 )
             prepared.append(first[key])
         outputs: list[Any] = []
@@ -395,6 +400,16 @@ def _release_when_done(items: list[WorkItem], permits: threading.Semaphore) -> N
 
     for item in items:
         item.future.add_done_callback(done)
+
+
+def _done(call: Callable[[], _Prepared]) -> Future[_Prepared]:
+    """`call()` run now, as a finished future (its exception kept, as the pool's would be)."""
+    future: Future[_Prepared] = Future()
+    try:
+        future.set_result(call())
+    except BaseException as exc:  # noqa: BLE001 - re-raised by future.result() in _execute
+        future.set_exception(exc)
+    return future
 
 
 def _count(job: JobMessage, doc: JobDocument, errors: list[ErrorInfo | None]) -> None:
