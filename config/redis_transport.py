@@ -9,9 +9,12 @@ the same queues and, in the same call, writes each message's unacked entry exact
 treat them like any other delivery (tests/test_redis_transport.py pins the format).
 
 Acks: kombu removes each acked message from both indices in a round trip of its own; here acks
-are buffered and removed in one pipeline per `ACK_FLUSH_MS` or per `ACK_BATCH` tags. An ack still
-in the buffer when the process dies only means the message comes back after the lease, and a
-redelivered job whose record is final is not run again (worker/runner.py).
+are buffered and removed in one pipeline per `ACK_FLUSH_MS` or per `ACK_BATCH` tags, by one
+flusher thread per channel, started with it (a thread started per flush would be a thread a few
+hundred times a second, and one that cannot start, under the worker's memory bound, left its
+acks unflushed and its caller waiting). An ack still in the buffer when the process dies only
+means the message comes back after the lease, and a redelivered job whose record is final is not
+run again (worker/runner.py).
 
 Clients: kombu builds a new `redis.Redis` for every publish, ack and queue read
 (`Channel._create_client`); with redis-py 8 each construction costs ~130 µs. A `redis.Redis`
@@ -75,7 +78,8 @@ class QoS(kombu_redis.QoS):
         super().__init__(*args, **kwargs)
         self._acks: list[str] = []
         self._acks_lock = threading.Lock()
-        self._flush_timer: threading.Timer | None = None
+        self._acks_waiting = threading.Event()
+        threading.Thread(target=self._flush_loop, name="ack-flusher", daemon=True).start()
 
     def append(self, message: Any, delivery_tag: str) -> None:
         if self.channel.claimed.pop(delivery_tag, None) is not None:
@@ -88,20 +92,26 @@ class QoS(kombu_redis.QoS):
         with self._acks_lock:
             self._acks.append(delivery_tag)
             full = len(self._acks) >= ACK_BATCH
-            if not full and self._flush_timer is None:
-                self._flush_timer = threading.Timer(ACK_FLUSH_MS / 1000, self.flush_acks)
-                self._flush_timer.daemon = True
-                self._flush_timer.start()
         if full:
             self.flush_acks()
+        else:
+            self._acks_waiting.set()
         virtual.QoS.ack(self, delivery_tag)
+
+    def _flush_loop(self) -> None:
+        while not self.channel.closed:
+            if not self._acks_waiting.wait(timeout=1.0):
+                continue
+            time.sleep(ACK_FLUSH_MS / 1000)  # the acks of this moment leave together
+            self._acks_waiting.clear()
+            try:
+                self.flush_acks()
+            except Exception as exc:  # noqa: BLE001 - the tags wait for the lease; the loop goes on
+                log.warning("ack flush failed: %r", exc)
 
     def flush_acks(self) -> None:
         with self._acks_lock:
             tags, self._acks = self._acks, []
-            timer, self._flush_timer = self._flush_timer, None
-        if timer is not None:
-            timer.cancel()
         if not tags or self.channel.closed:
             return
         with self.channel.conn_or_acquire() as client:

@@ -65,12 +65,16 @@ class Combiner(Generic[A, R]):
             results = self._run([each.arg for each in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} returned {len(results)} results")
+            for each, result in zip(batch, results, strict=True):
+                each.result = result
         except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
             for each in batch:
                 each.error = exc
-        else:
-            for each, result in zip(batch, results, strict=True):
-                each.result = result
+        finally:
+            self._hand_over(batch)
+
+    def _hand_over(self, batch: list[_Call[A]]) -> None:
+        """Wake the batch's callers, and the next queued caller to run the next batch."""
         with self._lock:
             if self._queued:
                 successor = self._queued.pop(0)

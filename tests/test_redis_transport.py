@@ -8,6 +8,7 @@ message consumed by stock kombu.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -129,6 +130,35 @@ def test_acks_are_removed_in_batches(db: redis.Redis) -> None:
             time.sleep(ACK_FLUSH_MS / 1000)
         assert db.hlen("unacked") == 0 and db.zcard("unacked_index") == 0
         assert len(channel.qos._delivered) == len(channel.qos._dirty)  # none held
+    finally:
+        conn.release()
+
+
+def test_acks_leave_from_one_thread_per_channel(
+    db: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush starts no thread: a worker under its memory bound may be unable to start one, and
+    a thread per flush would be hundreds a second."""
+    _publish(40)
+    got, (conn, channel) = _consume(prefetch=0, want=40, ack=False)
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def counted(thread: threading.Thread) -> None:
+        started.append(thread.name)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", counted)
+    try:
+        for first in range(0, 40, 4):  # acks in small groups, each left to the flusher
+            for message in got[first : first + 4]:
+                message.ack()
+            time.sleep(5 * ACK_FLUSH_MS / 1000)
+        deadline = time.monotonic() + 5
+        while db.hlen("unacked") and time.monotonic() < deadline:
+            time.sleep(ACK_FLUSH_MS / 1000)
+        assert db.hlen("unacked") == 0 and db.zcard("unacked_index") == 0
+        assert started == []
     finally:
         conn.release()
 

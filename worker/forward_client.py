@@ -3,10 +3,10 @@
 A thread that submits parts sends them itself, with every part other threads queued meanwhile
 (one message; while it writes, the next submitters queue theirs for the next message), so no
 hand-off to a sender thread costs a wait for the GIL; a reader thread resolves each part's future
-from the answers. If the forward process
-goes away (killed, restarted by the supervisor), the front reconnects and sends again every part
-still unanswered, so a forward crash costs time, not jobs; a part sent `MAX_SENDS` times without
-an answer (it may be what kills the forward process) fails alone with `ModelError`.
+from the answers. If the forward process goes away (killed, restarted by the supervisor), the
+front reconnects and sends again every part still unanswered, so a forward crash costs time, not
+jobs; a part sent `MAX_SENDS` times without an answer (it may be what kills the forward process)
+fails alone with `ModelError`.
 """
 
 from __future__ import annotations
