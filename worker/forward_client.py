@@ -66,10 +66,9 @@ class ForwardClient:
             if self._stopping:
                 raise RuntimeError(f"forward client {self.name} is stopped")
             self._outgoing.extend((next(self._ids), item) for item in items)
-            if self._sending:
-                return  # the thread sending now sends these next
-            self._sending = True
-        self._send_queued()
+            sends = self._become_sender()
+        if sends:
+            self._send_queued()
 
     def stop(self) -> None:
         """Wait for every part sent to be answered, then stop."""
@@ -79,6 +78,14 @@ class ForwardClient:
             while self._in_flight or self._outgoing:
                 self._cond.wait(0.1)
         self._conn.close()
+
+    def _become_sender(self) -> bool:
+        """Under `_cond`: whether this thread must send what is queued (False: the thread
+        sending now sends it next)."""
+        if self._sending:
+            return False
+        self._sending = True
+        return True
 
     def _send_queued(self) -> None:
         """Send what is queued until nothing is; only the thread that set `_sending` calls it."""
@@ -185,10 +192,9 @@ class ForwardClient:
                     again.append((item_id, item))
             self._outgoing[:0] = again
             self._cond.notify_all()
-            if self._sending:
-                return
-            self._sending = True
-        self._send_queued()
+            sends = self._become_sender()
+        if sends:
+            self._send_queued()
 
 
 def _error(info: ErrorInfo) -> PipeqError:
