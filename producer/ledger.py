@@ -41,7 +41,7 @@ class QueueLedger:
         self._redis = client
         self._stale_s = stale_s
         # A worker's job threads claim at the same moments: their takes share a round trip.
-        self._takes = Combiner(self._take_many)
+        self._takes = Combiner(self.take_many)
 
     def add(self, counts: Mapping[Lane, int], sign: int = 1) -> None:
         with self._redis.pipeline(transaction=False) as pipe:
@@ -52,7 +52,7 @@ class QueueLedger:
     def take(self, model: str, lane: str, count: int) -> None:
         self._takes((model, lane, count))
 
-    def _take_many(self, takes: list[tuple[str, str, int]]) -> list[None]:
+    def take_many(self, takes: list[tuple[str, str, int]]) -> list[None]:
         counts: dict[Lane, int] = {}
         for model, lane, count in takes:
             counts[(model, lane)] = counts.get((model, lane), 0) + count

@@ -87,6 +87,18 @@ class JobRecords(Protocol):
     def put(self, doc: JobDocument) -> None:
         """Write unconditionally (a finished job's result; idempotent by id)."""
 
+    def get_many(self, job_ids: list[str]) -> list[JobDocument | None]:
+        """`get` of each id, one round trip where the store allows it."""
+
+    def transition_many(
+        self, changes: list[tuple[JobDocument, tuple[str, ...], int | None]]
+    ) -> list[tuple[bool, JobDocument | None]]:
+        """`transition` of each (doc, from_statuses, deliveries), one round trip where the store
+        allows it."""
+
+    def put_many(self, docs: list[JobDocument]) -> list[None]:
+        """`put` of each doc, one round trip where the store allows it."""
+
     def wait_finished(self, job_id: str, timeout_s: float) -> None:
         """Return when the job may have finished, or after `timeout_s`: callers re-read."""
 
@@ -111,9 +123,9 @@ class RedisRecords:
         self._create = self._redis.register_script(_CREATE)
         # Concurrent calls share round trips (producer/combine.py): a worker's job threads
         # read, claim and store their records at the same moments.
-        self._gets = Combiner(self._get_many)
-        self._transitions = Combiner(self._transition_many)
-        self._puts = Combiner(self._put_many)
+        self._gets = Combiner(self.get_many)
+        self._transitions = Combiner(self.transition_many)
+        self._puts = Combiner(self.put_many)
 
     def create_many(
         self, entries: list[tuple[JobDocument, str, str]]
@@ -174,7 +186,7 @@ class RedisRecords:
     def get(self, job_id: str) -> JobDocument | None:
         return self._gets(job_id)
 
-    def _get_many(self, job_ids: list[str]) -> list[JobDocument | None]:
+    def get_many(self, job_ids: list[str]) -> list[JobDocument | None]:
         pipe = self._redis.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hget(_KEY + job_id, "doc")
@@ -187,7 +199,7 @@ class RedisRecords:
     ) -> tuple[bool, JobDocument | None]:
         return self._transitions((doc, from_statuses, deliveries))
 
-    def _transition_many(
+    def transition_many(
         self, changes: list[tuple[JobDocument, tuple[str, ...], int | None]]
     ) -> list[tuple[bool, JobDocument | None]]:
         calls = []
@@ -231,7 +243,7 @@ class RedisRecords:
     def put(self, doc: JobDocument) -> None:
         self._puts(doc)
 
-    def _put_many(self, docs: list[JobDocument]) -> list[None]:
+    def put_many(self, docs: list[JobDocument]) -> list[None]:
         pipe = self._redis.pipeline()
         for doc in docs:
             key = _KEY + doc.id
@@ -341,6 +353,19 @@ class SqliteRecords:
             "status = excluded.status, doc = excluded.doc, expires_at = excluded.expires_at",
             (doc.id, doc.status, doc.model_dump_json(), time.time() + self._ttl_s),
         )
+
+    def get_many(self, job_ids: list[str]) -> list[JobDocument | None]:
+        return [self.get(job_id) for job_id in job_ids]
+
+    def transition_many(
+        self, changes: list[tuple[JobDocument, tuple[str, ...], int | None]]
+    ) -> list[tuple[bool, JobDocument | None]]:
+        return [self.transition(*change) for change in changes]
+
+    def put_many(self, docs: list[JobDocument]) -> list[None]:
+        for doc in docs:
+            self.put(doc)
+        return [None] * len(docs)
 
     def wait_finished(self, job_id: str, timeout_s: float) -> None:
         time.sleep(min(max(timeout_s, 0.0), 0.01))

@@ -139,6 +139,20 @@ class ResultStores:
             )
             return self.inline.save(failed)
 
+    def save_many(self, jobs: list[tuple[JobDocument, str]]) -> list[JobDocument]:
+        """`save` of each (doc, requested store); the records kept inline are written in one
+        round trip."""
+        kept: list[JobDocument] = []
+        inline: list[JobDocument] = []
+        for doc, requested in jobs:
+            if self._pick(doc, requested) is self.inline:
+                inline.append(doc)
+                kept.append(doc)
+            else:
+                kept.append(self.save(doc, requested))
+        self._records.put_many(inline)
+        return kept
+
     def load(self, record: JobDocument, presign: bool = False) -> JobDocument:
         """The record with its outputs, wherever they are; `presign` swaps an `s3://`
         result_url for an https URL anyone holding it can GET until PIPEQ_S3_PRESIGN_TTL_S."""

@@ -1,10 +1,14 @@
-"""Running one job: claim its record, prepare its inputs ahead, batch, store, return (then ack).
+"""Running jobs: claim their records, prepare their inputs ahead, batch, postprocess, store.
 
-A job's inputs are prepared (fetched, decoded, preprocessed) on the shared prefetch pool while the
-model's batcher runs earlier batches; each model holds at most `max_prepared` prepared inputs,
-which bounds memory however many jobs are in flight. Postprocessing runs on the job's own thread,
-off the model's thread, which also writes the job's progress (parts forwarded / prepared) to its
-record every `PROGRESS_INTERVAL_S` while it waits.
+The engine (worker/engine.py) hands the runner windows of jobs: `claim` takes a window's records
+in two round trips, `start` prepares each input and hands its parts to the model's batcher (a
+text on the calling thread, parts of a window sent in one message; media on the prefetch pool),
+and a `JobRun` says when every input of its job is answered. `finish` postprocesses a run into
+its job document and `store` writes a window of them in one round trip. No thread waits on a
+job: a job in flight costs its futures, not a thread.
+
+Each model holds at most `max_prepared` prepared media inputs (its permits), which bounds memory
+however many jobs are in flight.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ from worker.result_cache import MISS, ResultCache, cache_key
 
 log = logging.getLogger(__name__)
 
+Submit = Callable[[list[WorkItem]], None]
+
 
 @dataclass
 class ServedModel:
@@ -62,6 +68,65 @@ class _Prepared:
     futures: list[Future[Any]]
     cache_key: str | None = None
     cached: Any = MISS
+
+
+class JobRun:
+    """One claimed job on its way: each input's preparation, and a callback once every input is
+    answered. Callbacks arrive on the threads that resolve the futures (the forward client's
+    reader, the prefetch pool): each is a locked decrement, and the last hands the run on."""
+
+    def __init__(
+        self,
+        job: JobMessage,
+        claimed: JobDocument,
+        started: float,
+        delivery: Any,
+        progress: ProgressTracker,
+    ) -> None:
+        self.job = job
+        self.claimed = claimed
+        self.started = started
+        self.delivery = delivery
+        self.progress = progress
+        self.prepared: list[Future[_Prepared]] = []
+        self.failed: PipeqError | None = None
+        self._pending = 1  # held until `seal`, so the run cannot be ready while it is started
+        self._lock = threading.Lock()
+        self._on_ready: Callable[[JobRun], None] | None = None
+
+    def watch(self, prepared: Future[_Prepared]) -> None:
+        with self._lock:
+            self._pending += 1
+        prepared.add_done_callback(self._prepared)
+
+    def seal(self, on_ready: Callable[[JobRun], None]) -> None:
+        """Every input is watched: call `on_ready(self)` once all are answered."""
+        self._on_ready = on_ready
+        self._settle()
+
+    def _prepared(self, future: Future[_Prepared]) -> None:
+        parts = [] if future.exception() is not None else future.result().futures
+        if not parts:
+            self._settle()
+            return
+        left = [len(parts)]
+
+        def part_done(_: Future[Any]) -> None:
+            with self._lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self._settle()
+
+        for part in parts:
+            part.add_done_callback(part_done)
+
+    def _settle(self) -> None:
+        with self._lock:
+            self._pending -= 1
+            ready = self._pending == 0
+        if ready and self._on_ready is not None:
+            self._on_ready(self)
 
 
 class JobRunner:
@@ -87,91 +152,77 @@ class JobRunner:
     def close(self) -> None:
         self._prefetch.shutdown(wait=True, cancel_futures=True)
 
-    def run(self, message: dict[str, Any], worker: str) -> JobDocument | None:
-        """Run one job to a stored result and return its record as stored (outputs not inline
-        when they went to S3). Returns None when there was nothing to do."""
-        try:
-            job = JobMessage.model_validate(message)
-        except ValidationError as exc:
-            log.error("dropping a message that is not a pipeq job: %s", exc)
-            return None
+    def claim(
+        self, deliveries: list[tuple[dict[str, Any], Any]], worker: str
+    ) -> list[JobRun | None]:
+        """Mark each job (message, delivery) running and count its delivery, one round trip for
+        the window's records and one for its claims. None for a message that is not a job, and
+        for a job cancelled, already finished (a redelivery), or claimed first by another copy."""
         started = time.time()
-        claimed = self._claim(job, worker, started)
-        if claimed is None:
-            return None
+        jobs = [_job(message) for message, _ in deliveries]
+        valid = [job for job in jobs if job is not None]
+        held = dict(
+            zip([j.id for j in valid], self.records.get_many([j.id for j in valid]), strict=True)
+        )
+        claims: list[JobDocument | None] = [None] * len(jobs)
+        fresh: list[JobDocument] = []
+        changes: list[tuple[int, JobDocument, tuple[str, ...], int | None]] = []
+        backlog: list[JobMessage] = []
+        for index, job in enumerate(jobs):
+            current = None if job is None else held[job.id]
+            if job is None:
+                continue
+            if current is None:
+                # No record (its TTL ran out while queued, or published by hand): keep a fresh one.
+                claims[index] = _running(job, worker, started, deliveries=1)
+                fresh.append(claims[index])
+            elif current.status in ("queued", "running"):
+                # A `running` record is a dead worker's: a live one's lease keeps its message from
+                # coming back. The count is compare-and-set, so of two copies claiming at once one
+                # wins and the other is dropped, and a poison job's count climbs once per death.
+                count = current.deliveries or 0
+                running = _running(job, worker, started, deliveries=count + 1)
+                changes.append((index, running, (current.status,), count))
+            else:
+                self._not_running(job, current, backlog)
+        if fresh:
+            self.records.put_many(fresh)
+        answers = self.records.transition_many([change[1:] for change in changes])
+        for (index, running, from_statuses, _), (changed, now) in zip(
+            changes, answers, strict=True
+        ):
+            job = jobs[index]
+            assert job is not None
+            if changed:
+                claims[index] = running
+                if from_statuses == ("queued",):
+                    backlog.append(job)
+            elif now is not None:
+                self._not_running(job, now, backlog)
+        self._leave_backlog(backlog)
+        return [
+            None if claim is None else self._run(jobs[index], claim, started, deliveries[index][1])
+            for index, claim in enumerate(claims)
+        ]
+
+    def _run(
+        self, job: JobMessage | None, claimed: JobDocument, started: float, delivery: Any
+    ) -> JobRun:
+        assert job is not None
         QUEUE_WAIT.labels(job.model, job.lane).observe(max(0.0, started - job.submitted_at))
         progress = ProgressTracker(partial(self._publish_progress, claimed))
-        deliveries = claimed.deliveries or 0
-        if deliveries > self.settings.max_deliveries:
-            outputs, errors, cached = *_fail_all(len(job.inputs), _poisoned(job, deliveries)), 0
-        else:
-            outputs, errors, cached = self._execute(job, progress)
-        finished = time.time()
-        failed_all = all(error is not None for error in errors)
-        doc = claimed.model_copy(
-            update={
-                "status": _final_status(errors) if failed_all else "succeeded",
-                "outputs": outputs,
-                "errors": errors,
-                "cached": True if cached and cached == len(outputs) else None,
-                "progress": progress.snapshot(),
-                "timings": {
-                    **claimed.timings,
-                    "started_at": started,
-                    "finished_at": finished,
-                    "queued_s": started - job.submitted_at,
-                    "run_s": finished - started,
-                },
-            }
-        )
-        stored = time.perf_counter()
-        record = self.results.save(doc, job.store)
-        STAGE_SECONDS.labels(job.model, "store").observe(time.perf_counter() - stored)
-        _count(job, record, errors)
-        return record
+        return JobRun(job, claimed, started, delivery, progress)
 
-    def _claim(self, job: JobMessage, worker: str, started: float) -> JobDocument | None:
-        """Mark the job running and count the delivery, unless it was cancelled or already
-        finished (a redelivery), or another copy claimed it first."""
-        running = JobDocument(
-            id=job.id,
-            model=job.model,
-            status="running",
-            lane=job.lane,
-            worker=worker,
-            timings={"submitted_at": job.submitted_at, "started_at": started},
-            webhook=job.webhook,
-            owner=job.owner,
-        )
-        current = self.records.get(job.id)
-        if current is None:
-            # No record (its TTL ran out while queued, or published by hand): keep a fresh one.
-            running = running.model_copy(update={"deliveries": 1})
-            self.records.put(running)
-            return running
-        if current.status in ("queued", "running"):
-            # A `running` record is a dead worker's: a live one's lease keeps its message from
-            # coming back. The count is compare-and-set, so of two copies claiming at once one
-            # wins and the other is dropped, and a poison job's count climbs once per death.
-            held = current.deliveries or 0
-            running = running.model_copy(update={"deliveries": held + 1})
-            changed, now = self.records.transition(running, (current.status,), deliveries=held)
-            if changed:
-                if current.status == "queued":
-                    self._leave_backlog(job)
-                return running
-            if now is None:
-                return None
-            current = now
+    @staticmethod
+    def _not_running(job: JobMessage, current: JobDocument, backlog: list[JobMessage]) -> None:
         if current.status == "cancelled":
-            self._leave_backlog(job)
+            backlog.append(job)  # its message is dropped: it leaves the backlog now
         log.info("job %s is %s; not running it", job.id, current.status)
-        return None
 
-    def _leave_backlog(self, job: JobMessage) -> None:
+    def _leave_backlog(self, jobs: list[JobMessage]) -> None:
         # Once per job: when claimed from queued, or when its message is dropped as cancelled.
-        if self.ledger is not None:
-            self.ledger.take(job.model, job.lane, len(job.inputs))
+        if self.ledger is not None and jobs:
+            self.ledger.take_many([(job.model, job.lane, len(job.inputs)) for job in jobs])
 
     def _publish_progress(self, running: JobDocument, progress: JobProgress) -> None:
         try:
@@ -184,50 +235,130 @@ class JobRunner:
         except Exception as exc:  # noqa: BLE001 - a missed progress write never fails the job
             log.warning("progress write for job %s failed: %r", running.id, exc)
 
-    def _execute(
-        self, job: JobMessage, progress: ProgressTracker
-    ) -> tuple[list[Any], list[ErrorInfo | None], int]:
-        """Outputs and errors per input, and how many outputs came from the cache."""
-        count = len(job.inputs)
+    def start(self, runs: list[JobRun], on_ready: Callable[[JobRun], None]) -> None:
+        """Prepare every input of `runs` and hand its parts to the batchers; `on_ready(run)` is
+        called once a run's inputs are all answered (perhaps at once, on this thread)."""
+        held: dict[str, list[WorkItem]] = {}
+
+        def hold(model: str, items: list[WorkItem]) -> None:
+            held.setdefault(model, []).extend(items)
+
+        def send_held() -> None:
+            for model, items in held.items():
+                if items:
+                    self.models[model].batcher.submit(items)
+            held.clear()
+
+        for run in runs:
+            self._start(run, hold, send_held)
+        send_held()
+        for run in runs:
+            run.seal(on_ready)
+
+    def _start(
+        self,
+        run: JobRun,
+        hold: Callable[[str, list[WorkItem]], None],
+        send_held: Callable[[], None],
+    ) -> None:
+        job = run.job
+        deliveries = run.claimed.deliveries or 0
+        if deliveries > self.settings.max_deliveries:
+            run.failed = _poisoned(job, deliveries)
+            return
         served = self.models.get(job.model)
         if served is None:
-            return *_fail_all(count, ModelError(f"this worker does not serve {job.model!r}")), 0
+            run.failed = ModelError(f"this worker does not serve {job.model!r}")
+            return
         expires_at = None if job.deadline_s is None else job.submitted_at + job.deadline_s
         if expires_at is not None and time.time() > expires_at:
-            EXPIRED.labels(job.model, "queue").inc(count)
-            return *_fail_all(count, Expired(f"not started within deadline_s={job.deadline_s}")), 0
+            EXPIRED.labels(job.model, "queue").inc(len(job.inputs))
+            run.failed = Expired(f"not started within deadline_s={job.deadline_s}")
+            return
         try:
             call = served.staged.call_params(job.params)
         except InvalidParams as exc:
             # At submit the same check answered 422; this message was published another way.
             log.warning("job %s: %s", job.id, exc)
-            return *_fail_all(count, exc), 0
+            run.failed = exc
+            return
         except Exception as exc:  # noqa: BLE001 - the pipeline's own complaint about the params
             log.warning("job %s: the pipeline refused its params: %r", job.id, exc)
-            refused = InvalidParams(f"the pipeline refused these params ({type(exc).__name__})")
-            return *_fail_all(count, refused), 0
+            run.failed = InvalidParams(f"the pipeline refused these params ({type(exc).__name__})")
+            return
         rank = LANE_RANK[job.lane]
-        prepared = []
         # Identical inputs of one job are fetched, run and postprocessed once.
         first: dict[str, Future[_Prepared]] = {}
         for item in job.inputs:
             key = item if isinstance(item, str) else item.model_dump_json()
             if key not in first:
-                served.permits.acquire()
                 prepare = partial(
-                    self._prepare, job.id, served, item, call, rank, expires_at, progress
+                    self._prepare, job.id, served, item, call, rank, expires_at, run.progress
                 )
-                # A text needs no fetch: preparing it on the job's own thread saves a hand-off
-                # to the prefetch pool and back (each one a wait for the GIL in a busy front).
-                first[key] = (
-                    _done(prepare) if isinstance(item, str) else self._prefetch.submit(prepare)
-                )
-            prepared.append(first[key])
+                if isinstance(item, str) and not served.staged.chunked:
+                    # A text needs no fetch and makes one part: prepared here, its part sent with
+                    # the window's (one message to the forward process, no hand-off to a pool).
+                    future = _done(partial(prepare, None, partial(hold, job.model)))
+                else:
+                    if not served.permits.acquire(blocking=False):
+                        send_held()  # held parts must not wait behind this model's permits
+                        served.permits.acquire()
+                    future = self._prefetch.submit(prepare, served.permits, served.batcher.submit)
+                first[key] = future
+                run.watch(future)
+            run.prepared.append(first[key])
+
+    def finish(self, run: JobRun) -> JobDocument:
+        """The run's job document, its inputs postprocessed (called once all are answered)."""
+        job = run.job
+        if run.failed is not None:
+            outputs, errors = _fail_all(len(job.inputs), run.failed)
+            cached = 0
+        else:
+            outputs, errors, cached = self._collect(run)
+        finished = time.time()
+        failed_all = all(error is not None for error in errors)
+        progress = run.progress.snapshot()
+        return run.claimed.model_copy(
+            update={
+                "status": _final_status(errors) if failed_all else "succeeded",
+                "outputs": outputs,
+                "errors": errors,
+                "cached": True if cached and cached == len(outputs) else None,
+                "progress": progress,
+                "timings": {
+                    **run.claimed.timings,
+                    "started_at": run.started,
+                    "finished_at": finished,
+                    "queued_s": run.started - job.submitted_at,
+                    "run_s": finished - run.started,
+                },
+            }
+        )
+
+    def store(self, runs: list[JobRun], docs: list[JobDocument]) -> list[JobDocument]:
+        """Write finished jobs (one round trip for those kept inline); returns their records as
+        stored (outputs not inline when they went to S3)."""
+        began = time.perf_counter()
+        records = self.results.save_many(
+            [(doc, run.job.store) for run, doc in zip(runs, docs, strict=True)]
+        )
+        each_s = (time.perf_counter() - began) / max(1, len(runs))
+        for run, record in zip(runs, records, strict=True):
+            STAGE_SECONDS.labels(run.job.model, "store").observe(each_s)
+            _count(run.job, record, record.errors or [])
+        return records
+
+    def _collect(self, run: JobRun) -> tuple[list[Any], list[ErrorInfo | None], int]:
+        """Outputs and errors per input, and how many outputs came from the cache."""
+        job = run.job
+        served = self.models[job.model]
+        call = served.staged.call_params(job.params)
         outputs: list[Any] = []
         errors: list[ErrorInfo | None] = []
         answered: dict[int, tuple[Any, ErrorInfo | None]] = {}
         cached = 0
-        for future in prepared:
+        for future in run.prepared:
             if id(future) in answered:
                 output, error = answered[id(future)]
                 outputs.append(output)
@@ -240,7 +371,7 @@ class JobRunner:
                     errors.append(None)
                     cached += 1
                     continue
-                model_outputs = progress.wait(ready.futures)
+                model_outputs = [part.result() for part in ready.futures]
                 began = time.perf_counter()
                 output = served.staged.postprocess(model_outputs, call)
                 outputs.append(output)
@@ -278,9 +409,12 @@ class JobRunner:
         rank: int,
         expires_at: float | None,
         progress: ProgressTracker,
+        permits: threading.Semaphore | None,
+        submit: Submit,
     ) -> _Prepared:
-        """Fetch, decode and preprocess one input, and hand its parts to the batcher (or find
-        its output in the cache)."""
+        """Fetch, decode and preprocess one input, and hand its parts to `submit` (or find its
+        output in the cache). `permits`: the one this input holds, released once its parts are
+        answered."""
         spec = served.staged.spec
         name = spec.name
         key = None
@@ -298,12 +432,12 @@ class JobRunner:
                 hit = self.cache.get(key)
                 CACHE.labels(name, "miss" if hit is MISS else "hit").inc()
                 if hit is not MISS:
-                    served.permits.release()
+                    _release_when_done([], permits)
                     return _Prepared([], key, hit)
             make = partial(_work_item, served.staged, call, rank, expires_at)
             try:
                 parts = served.staged.iter_parts(loaded, call)
-                waited_s = _feed(served, parts, make, progress, fed)
+                waited_s = _feed(served, parts, make, progress, fed, submit)
                 made_s = time.perf_counter() - fetched - waited_s
                 STAGE_SECONDS.labels(name, "preprocess").observe(made_s)
             except (InputError, MemoryError):
@@ -319,16 +453,38 @@ class JobRunner:
         except MemoryError as exc:
             # The worker's RLIMIT_DATA (worker/memory.py) failed this input's allocation; what it
             # had allocated is freed with it, and the job's other inputs go on.
-            _release_when_done(fed, served.permits)
+            _release_when_done(fed, permits)
             log.warning("input of model %s ran out of memory while being prepared", name)
             raise OutOfMemory(
                 "preparing this input needed more memory than the worker may use"
             ) from exc
         except BaseException:
-            _release_when_done(fed, served.permits)
+            _release_when_done(fed, permits)
             raise
-        _release_when_done(fed, served.permits)
+        _release_when_done(fed, permits)
         return _Prepared([work.future for work in fed], key)
+
+
+def _job(message: dict[str, Any]) -> JobMessage | None:
+    try:
+        return JobMessage.model_validate(message)
+    except ValidationError as exc:
+        log.error("dropping a message that is not a pipeq job: %s", exc)
+        return None
+
+
+def _running(job: JobMessage, worker: str, started: float, deliveries: int) -> JobDocument:
+    return JobDocument(
+        id=job.id,
+        model=job.model,
+        status="running",
+        lane=job.lane,
+        worker=worker,
+        timings={"submitted_at": job.submitted_at, "started_at": started},
+        webhook=job.webhook,
+        owner=job.owner,
+        deliveries=deliveries,
+    )
 
 
 def _work_item(
@@ -350,8 +506,9 @@ def _feed(
     make: Callable[[Any], WorkItem],
     progress: ProgressTracker,
     fed: list[WorkItem],
+    submit: Submit,
 ) -> float:
-    """Hand `parts` to the batcher as they are made, appending them to `fed`; returns the
+    """Hand `parts` to `submit` as they are made, appending them to `fed`; returns the
     seconds spent waiting for forward passes. At most two batches of one input's parts wait for
     a forward pass at a time, so a long input's chunks are never all held at once (a 16 s clip
     cut into 0.05 s chunks once made ~480 of them, 2.5 GB, before the first forward). The wait
@@ -363,7 +520,7 @@ def _feed(
     def flush() -> None:
         if ready:
             progress.track([work.future for work in ready])
-            served.batcher.submit(list(ready))
+            submit(list(ready))
             fed.extend(ready)
             ready.clear()
 
@@ -383,8 +540,10 @@ def _feed(
     return waited_s
 
 
-def _release_when_done(items: list[WorkItem], permits: threading.Semaphore) -> None:
+def _release_when_done(items: list[WorkItem], permits: threading.Semaphore | None) -> None:
     """Release the input's permit once all its parts are done (at once when it has none)."""
+    if permits is None:
+        return
     if not items:
         permits.release()
         return
@@ -407,7 +566,7 @@ def _done(call: Callable[[], _Prepared]) -> Future[_Prepared]:
     future: Future[_Prepared] = Future()
     try:
         future.set_result(call())
-    except BaseException as exc:  # noqa: BLE001 - re-raised by future.result() in _execute
+    except BaseException as exc:  # noqa: BLE001 - re-raised by future.result() in _collect
         future.set_exception(exc)
     return future
 

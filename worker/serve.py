@@ -1,14 +1,15 @@
-"""One front: a Celery consumer that takes jobs, prepares their inputs, hands the parts to its
-engine's forward process (worker/forward_server.py), postprocesses and stores the answers.
+"""One front: a Celery consumer whose `pipeq.run` messages go to a job engine (worker/engine.py)
+that claims, prepares and stores them in windows, handing their parts to the GPU's forward
+process (worker/forward_server.py).
 
-Pool: Celery's `threads` pool. Each in-flight job holds one thread that mostly waits on the
-forward process, so concurrency is "jobs in flight", not "forward passes in parallel". A front
-holds each model's tokenizer, processors and config but not its weights; the consumer starts
-once the forward process listens, so no job is taken before the models are warm.
+Pool: Celery's `solo` pool, unused: the task's Strategy gives every message to the engine, so
+`--concurrency` is the consumer's prefetch credit, the jobs in flight. A front holds each model's
+tokenizer, processors and config but not its weights; the consumer starts once the forward
+process listens, so no job is taken before the models are warm.
 
-Shutdown (SIGTERM, Celery's warm shutdown): the consumer stops taking jobs, reserved jobs not yet
-started go back to the broker unacked, jobs in flight finish their batches and store their
-results, then the batchers stop and the prefetch pool closes.
+Shutdown (SIGTERM, Celery's warm shutdown): the consumer stops taking jobs, the engine puts back
+the messages it has not claimed, finishes the jobs it started and stores their results, then the
+batchers stop and the prefetch pool closes.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from config.settings import Settings
 from producer.client import Client as JobClient
 from producer.ledger import QueueLedger, open_ledger
 from producer.records import JobRecords, RedisRecords, open_records
-from worker.callbacks import finished_earlier, job_finished
+from worker.engine import JobEngine, drain_step, engine_strategy
 from worker.forward_client import ForwardClient
 from worker.lease import LeaseRenewal
 from worker.media import MediaLoader
@@ -72,35 +73,24 @@ def connect_models(
     return served
 
 
-def create_worker_app(settings: Settings, runner: JobRunner, models: list[str]) -> Celery:
+def create_worker_app(
+    settings: Settings, runner: JobRunner, models: list[str], hostname: str
+) -> tuple[Celery, JobEngine]:
     app = make_celery(settings)
     app.conf.task_queues = model_queues(models)
     if "visibility_timeout" in (app.conf.broker_transport_options or {}):
         app.steps["consumer"].add(LeaseRenewal)
     app.steps["consumer"].add(BatchedTaskEvents)
+    engine = JobEngine(runner, app, hostname)
+    app.steps["consumer"].add(drain_step(engine))
 
-    # A store that is briefly unreachable must not cost the job: Celery re-queues it (same id,
-    # results are idempotent) with backoff instead of acking a failure.
-    @app.task(
-        name=RUN_TASK,
-        bind=True,
-        acks_late=True,
-        reject_on_worker_lost=True,
-        autoretry_for=(RedisError,),
-        retry_backoff=True,
-        retry_backoff_max=30,
-        retry_jitter=True,
-        max_retries=None,
-    )
-    def run(self: Any, message: dict[str, Any]) -> dict[str, Any] | None:
-        record = runner.run(message, worker=self.request.hostname)
-        # Webhook publishing and Celery links (the job document) hang off the finished record.
-        record = record or finished_earlier(runner.records, message)
-        if record is not None:
-            log.info("job %s %s", record.id, record.status)
-        return job_finished(app, self.request, record)
+    # A staticmethod: Celery reads `task.Strategy` through the task instance.
+    @app.task(name=RUN_TASK, Strategy=staticmethod(engine_strategy(engine)))
+    def run(message: dict[str, Any]) -> None:
+        # Never called: the Strategy hands each message to the engine instead of the pool.
+        raise NotImplementedError("pipeq.run messages are run by the worker's job engine")
 
-    return app
+    return app, engine
 
 
 def serve(
@@ -127,7 +117,8 @@ def serve(
         ledger=open_ledger(settings),
         cache=open_cache(settings.effective_result_url),
     )
-    app = create_worker_app(settings, runner, names)
+    app, engine = create_worker_app(settings, runner, names, hostname)
+    engine.start()
     lanes = [(name, lane) for lane in LANES for name in names]
     stop_beating = _beat(runner.ledger, hostname, lanes, served, settings.lease_s / 3)
     sweeper = _sweeper(
@@ -142,7 +133,7 @@ def serve(
 
     worker = app.Worker(
         hostname=hostname,
-        pool_cls="threads",
+        pool_cls="solo",
         concurrency=concurrency,
         queues=[queue_name(name, lane) for lane in LANES for name in names],
         loglevel=settings.log_level,
