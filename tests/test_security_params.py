@@ -247,8 +247,9 @@ def test_chunks_are_made_as_the_batcher_takes_them() -> None:
             served,
             parts(),
             lambda part: WorkItem(part=part, group="g", call=None),
-            ProgressTracker(lambda _: None),
+            ProgressTracker(),
             fed,
+            batcher.submit,
         ),
     )
     feeder.start()

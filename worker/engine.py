@@ -142,10 +142,8 @@ class JobEngine:
                 self._live[id(run)] = run
             self._event("task-started", delivery.task_id)
             started.append(run)
-        try:
-            self.runner.start(started, self._ready.put)
-        except Exception:  # noqa: BLE001 - pipeq's bug must not stall the window
-            log.exception("jobs could not be started")
+        self._flush_events()
+        self.runner.start(started, self._ready.put)
 
     def _skipped(self, delivery: Delivery) -> None:
         """A message whose job does not run: a redelivered job finished by a first copy (whose
@@ -156,6 +154,7 @@ class JobEngine:
         except RedisError as exc:
             log.warning("record of redelivered job %s not read: %r", delivery.task_id, exc)
         self._complete(delivery, record)
+        self._flush_events()
 
     # --- completion ---------------------------------------------------------------------------
 
@@ -170,6 +169,7 @@ class JobEngine:
                 with self._lock:
                     self._live.pop(id(run), None)
                 self._complete(run.delivery, record, time.time() - run.started)
+            self._flush_events()
 
     def _finish(self, run: JobRun) -> JobDocument:
         try:
@@ -212,10 +212,11 @@ class JobEngine:
         while not self._stopped.wait(PROGRESS_INTERVAL_S):
             now = time.time()
             with self._lock:
-                runs = list(self._live.values())
-            for run in runs:
-                if now - run.started >= PROGRESS_INTERVAL_S:
-                    run.progress.publish_if_changed()
+                runs = [r for r in self._live.values() if now - r.started >= PROGRESS_INTERVAL_S]
+            try:
+                self.runner.publish_progress(runs)
+            except Exception as exc:  # noqa: BLE001 - a missed progress write never fails a job
+                log.warning("progress not written: %r", exc)
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -252,9 +253,14 @@ class JobEngine:
             delivery.ack(log, errors)
 
     def _event(self, kind: str, task_id: str, **fields: Any) -> None:
+        """Buffer a task event (worker/task_events.py); `_flush_events` has them sent."""
         dispatcher = getattr(self.consumer, "event_dispatcher", None)
         if dispatcher is not None:
             dispatcher.send(kind, uuid=task_id, **fields)
+
+    def _flush_events(self) -> None:
+        if getattr(self.consumer, "event_dispatcher", None) is not None:
+            self.consumer.on_send_event_buffered()
 
 
 def engine_strategy(engine: JobEngine) -> Callable[..., Any]:

@@ -1,32 +1,32 @@
-"""`ImageClassificationPipeline.postprocess`, same answers, without its per-label config lookups.
+"""Classification postprocess (images, texts), same answers, without per-label config lookups.
 
-The library builds one dict per label, reading `model.config.id2label` through the config's
-`__getattribute__` each time (1,000 times per ImageNet image), then sorts them all. On an H200
-that was 75% of a worker's Python time (py-spy, bench/NOTES.md). This version resolves the
-activation and labels once per model and builds dicts for the top k only. Order and values are
-the library's: scores are the same float32 arrays, sorted descending with ties in label order
-(Python's stable sort, as the library's `list.sort(reverse=True)`).
+The library reads `model.config` through the config's `__getattribute__` several times per input
+(the activation's rule) and, for images, once per label (1,000 times per ImageNet image) before
+sorting them all. On an H200 that was 75% of a worker's Python time (py-spy, bench/NOTES.md).
+These versions resolve the activation and labels once per model and build dicts for the top k
+only. Order and values are the library's: scores are the same float32 arrays, sorted descending
+with ties in label order (Python's stable sort, as the library's `list.sort(reverse=True)`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.pipelines.base import Pipeline
 from transformers.pipelines.image_classification import ClassificationFunction, sigmoid, softmax
 
 
-class ImageClassificationPostprocess:
+class _Classification:
     def __init__(self, pipe: Pipeline) -> None:
         config = pipe.model.config
-        self._config = config
         self._labels = [config.id2label[i] for i in range(config.num_labels)]
         self._default_function = self._resolve_default(config)
 
     @staticmethod
     def _resolve_default(config: Any) -> ClassificationFunction:
-        # The library's rule, evaluated once instead of per image.
+        # The library's rule, evaluated once instead of per input.
         if config.problem_type == "regression":
             return ClassificationFunction.NONE
         if config.problem_type == "multi_label_classification" or config.num_labels == 1:
@@ -37,22 +37,47 @@ class ImageClassificationPostprocess:
             return ClassificationFunction(config.function_to_apply)
         return ClassificationFunction.NONE
 
-    def __call__(
-        self, model_outputs: Any, function_to_apply: Any = None, top_k: int | None = 5
-    ) -> list[dict[str, Any]]:
+    def _scores(self, model_outputs: Any, function_to_apply: Any) -> np.ndarray:
         function = ClassificationFunction(function_to_apply or self._default_function)
         logits = model_outputs["logits"][0]
         if logits.dtype in (torch.bfloat16, torch.float16):
             logits = logits.to(torch.float32)
         outputs = logits.numpy()
         if function == ClassificationFunction.SIGMOID:
-            scores = sigmoid(outputs)
-        elif function == ClassificationFunction.SOFTMAX:
-            scores = softmax(outputs)
-        else:
-            scores = outputs
-        values = scores.tolist()
+            return sigmoid(outputs)  # type: ignore[no-any-return]
+        if function == ClassificationFunction.SOFTMAX:
+            return softmax(outputs)  # type: ignore[no-any-return]
+        return outputs
+
+    def _ranked(self, values: list[float], top_k: int | None) -> list[dict[str, Any]]:
         order = sorted(range(len(values)), key=values.__getitem__, reverse=True)
         if top_k is not None:
             order = order[: min(top_k, len(self._labels))]
         return [{"label": self._labels[i], "score": values[i]} for i in order]
+
+
+class ImageClassificationPostprocess(_Classification):
+    def __call__(
+        self, model_outputs: Any, function_to_apply: Any = None, top_k: int | None = 5
+    ) -> list[dict[str, Any]]:
+        return self._ranked(self._scores(model_outputs, function_to_apply).tolist(), top_k)
+
+
+class TextClassificationPostprocess(_Classification):
+    def __call__(
+        self,
+        model_outputs: Any,
+        function_to_apply: Any = None,
+        top_k: int | None = 1,
+        _legacy: bool = True,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        values = self._scores(model_outputs, function_to_apply).tolist()
+        if top_k == 1 and _legacy:
+            best = max(range(len(values)), key=values.__getitem__)
+            return {"label": self._labels[best], "score": values[best]}
+        if _legacy:
+            return [
+                {"label": label, "score": score}
+                for label, score in zip(self._labels, values, strict=True)
+            ]
+        return self._ranked(values, top_k)

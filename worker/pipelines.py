@@ -36,6 +36,9 @@ ModelInputs = dict[str, Any]
 # Tasks whose answer holds one vector per token: batching pads them, so each output is cut back
 # to its own input's length (pipeline(input) never sees padding).
 _PER_TOKEN_OUTPUT_TASKS = frozenset({"feature-extraction"})
+# Tasks whose preprocess of a text is exactly one tokenizer call on it: a window of texts is
+# tokenized in one call (a fast tokenizer encodes a list in parallel, in Rust) and split per text.
+_WINDOW_TOKENIZED_TASKS = frozenset({"text-classification", "feature-extraction"})
 # Tasks the library cannot un-batch across inputs of different lengths (document QA's
 # select_starts_ends fails on mismatched shapes): only equal lengths share a batch.
 _EQUAL_LENGTH_BATCH_TASKS = frozenset({"document-question-answering"})
@@ -125,11 +128,18 @@ class StagedPipeline:
             pipe.feature_extractor if pipe.feature_extractor is not None else pipe.image_processor
         )
         self._collate = pad_collate_fn(pipe.tokenizer, processor)
+        self.tokenizes_windows = spec.task in _WINDOW_TOKENIZED_TASKS and bool(
+            getattr(pipe.tokenizer, "is_fast", False)
+        )
         self._postprocess: Any = pipe.postprocess
         if spec.task == "image-classification":
             from worker.fast_postprocess import ImageClassificationPostprocess
 
             self._postprocess = ImageClassificationPostprocess(pipe)
+        elif spec.task == "text-classification":
+            from worker.fast_postprocess import TextClassificationPostprocess
+
+            self._postprocess = TextClassificationPostprocess(pipe)
 
     def call_params(self, params: dict[str, Any]) -> CallParams:
         """Merge the model's default params with the job's and split them per stage. Raises
@@ -156,6 +166,15 @@ class StagedPipeline:
         if self.chunked:
             return list(self.iter_parts(item, call))
         return [self.pipe.preprocess(item, **call.preprocess)]
+
+    def preprocess_texts(self, texts: list[str], call: CallParams) -> list[ModelInputs]:
+        """`preprocess` of each text, in one tokenizer call (only where `tokenizes_windows`):
+        the same ids as one call per text, since nothing is padded."""
+        encoded = self.pipe.tokenizer(texts, **call.preprocess)
+        return [
+            {key: torch.tensor([values[index]]) for key, values in encoded.items()}
+            for index in range(len(texts))
+        ]
 
     def iter_parts(self, item: Any, call: CallParams) -> Iterator[ModelInputs]:
         """`preprocess`, made as it is consumed: a long input's chunks need not all be held."""

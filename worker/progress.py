@@ -1,17 +1,16 @@
 """A running job's progress: forward parts done of those prepared, published now and then.
 
-Parts are counted as the prefetch pool hands them to the batcher (`track`) and as their forward
-passes finish (a done-callback on the batcher's thread: one locked increment, no I/O there). The
-job's own thread waits on its results through `wait`, which publishes the counts at most every
-`interval_s`, so a job that finishes sooner writes nothing extra.
+Parts are counted as they are handed to the batcher (`track`) and as their forward passes finish
+(a done-callback on the thread that resolves them: one locked increment, no I/O there). The
+engine's progress thread writes the counts of the jobs running longer than `PROGRESS_INTERVAL_S`
+whose counts changed (`changed`), all in one round trip, so a job that finishes sooner writes
+nothing extra.
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, Future, wait
+from concurrent.futures import Future
 from typing import Any
 
 from producer.jobs import JobProgress
@@ -22,16 +21,11 @@ PROGRESS_INTERVAL_S = 0.5
 
 
 class ProgressTracker:
-    def __init__(
-        self, publish: Callable[[JobProgress], None], interval_s: float = PROGRESS_INTERVAL_S
-    ) -> None:
-        self._publish = publish
-        self._interval_s = interval_s
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._done = 0
         self._total = 0
         self._published: JobProgress | None = None
-        self._next_publish_at = time.monotonic() + interval_s
 
     def track(self, futures: list[Future[Any]]) -> None:
         with self._lock:
@@ -47,21 +41,10 @@ class ProgressTracker:
         with self._lock:
             return JobProgress(done=self._done, total=self._total)
 
-    def wait(self, futures: list[Future[Any]]) -> list[Any]:
-        """The futures' results (raising the first error), publishing progress meanwhile."""
-        pending = set(futures)
-        while pending:
-            timeout_s = max(0.0, self._next_publish_at - time.monotonic())
-            finished, pending = wait(pending, timeout=timeout_s, return_when=FIRST_EXCEPTION)
-            if any(f.exception() is not None for f in finished):
-                break
-            if pending and time.monotonic() >= self._next_publish_at:
-                self.publish_if_changed()
-        return [future.result() for future in futures]
-
-    def publish_if_changed(self) -> None:
-        self._next_publish_at = time.monotonic() + self._interval_s
+    def changed(self) -> JobProgress | None:
+        """The counts, if they changed since the last call (which are then taken as written)."""
         current = self.snapshot()
-        if current != self._published:
-            self._published = current
-            self._publish(current)
+        if current == self._published:
+            return None
+        self._published = current
+        return current

@@ -35,7 +35,7 @@ from config.errors import (
     PoisonJob,
 )
 from config.settings import Settings
-from producer.jobs import Input, JobDocument, JobMessage, JobProgress
+from producer.jobs import Input, JobDocument, JobMessage
 from producer.ledger import QueueLedger
 from producer.records import JobRecords
 from producer.stores import ResultStores
@@ -68,6 +68,43 @@ class _Prepared:
     futures: list[Future[Any]]
     cache_key: str | None = None
     cached: Any = MISS
+
+
+@dataclass
+class _Text:
+    """A text input waiting for its window's tokenizer call."""
+
+    item: str
+    call: CallParams
+    expires_at: float | None
+    progress: ProgressTracker
+    make: Callable[[Any], WorkItem]
+    prepare: Callable[..., _Prepared]  # the one-text way, if the window's call fails
+    prepared: Future[_Prepared]
+
+
+class _Window:
+    """What `JobRunner.start` gathers over a window: texts to tokenize together, and parts held
+    to go to each model's batcher in one submission."""
+
+    def __init__(self, models: dict[str, ServedModel]) -> None:
+        self._models = models
+        self.texts: dict[tuple[str, str], list[_Text]] = {}
+        self._held: dict[str, list[WorkItem]] = {}
+
+    @staticmethod
+    def tokenizes(served: ServedModel) -> bool:
+        # A cached model looks each text up first, one by one (worker/result_cache.py).
+        return served.staged.tokenizes_windows and served.staged.spec.cache_ttl_s is None
+
+    def hold(self, model: str, items: list[WorkItem]) -> None:
+        self._held.setdefault(model, []).extend(items)
+
+    def send_held(self) -> None:
+        for model, items in self._held.items():
+            if items:
+                self._models[model].batcher.submit(items)
+        self._held.clear()
 
 
 class JobRun:
@@ -210,8 +247,7 @@ class JobRunner:
     ) -> JobRun:
         assert job is not None
         QUEUE_WAIT.labels(job.model, job.lane).observe(max(0.0, started - job.submitted_at))
-        progress = ProgressTracker(partial(self._publish_progress, claimed))
-        return JobRun(job, claimed, started, delivery, progress)
+        return JobRun(job, claimed, started, delivery, ProgressTracker())
 
     @staticmethod
     def _not_running(job: JobMessage, current: JobDocument, backlog: list[JobMessage]) -> None:
@@ -224,43 +260,66 @@ class JobRunner:
         if self.ledger is not None and jobs:
             self.ledger.take_many([(job.model, job.lane, len(job.inputs)) for job in jobs])
 
-    def _publish_progress(self, running: JobDocument, progress: JobProgress) -> None:
-        try:
-            # Guarded by the count: a worker whose job was claimed again writes no more.
-            self.records.transition(
-                running.model_copy(update={"progress": progress}),
-                ("running",),
-                deliveries=running.deliveries,
-            )
-        except Exception as exc:  # noqa: BLE001 - a missed progress write never fails the job
-            log.warning("progress write for job %s failed: %r", running.id, exc)
+    def publish_progress(self, runs: list[JobRun]) -> None:
+        """Write the progress of those `runs` whose counts changed, in one round trip."""
+        changes = []
+        for run in runs:
+            progress = run.progress.changed()
+            if progress is not None:
+                # Guarded by the count: a worker whose job was claimed again writes no more.
+                doc = run.claimed.model_copy(update={"progress": progress})
+                changes.append((doc, ("running",), run.claimed.deliveries))
+        if changes:
+            self.records.transition_many(changes)
 
     def start(self, runs: list[JobRun], on_ready: Callable[[JobRun], None]) -> None:
         """Prepare every input of `runs` and hand its parts to the batchers; `on_ready(run)` is
         called once a run's inputs are all answered (perhaps at once, on this thread)."""
-        held: dict[str, list[WorkItem]] = {}
-
-        def hold(model: str, items: list[WorkItem]) -> None:
-            held.setdefault(model, []).extend(items)
-
-        def send_held() -> None:
-            for model, items in held.items():
-                if items:
-                    self.models[model].batcher.submit(items)
-            held.clear()
-
+        window = _Window(self.models)
         for run in runs:
-            self._start(run, hold, send_held)
-        send_held()
+            try:
+                self._start(run, window)
+            except Exception as exc:  # noqa: BLE001 - pipeq's bug fails this job, not the window
+                log.exception("job %s could not be started", run.job.id)
+                run.failed = ModelError(f"the job could not be started ({type(exc).__name__})")
+        for (model, _), texts in window.texts.items():
+            self._prepare_texts(self.models[model], texts, window)
+        window.send_held()
         for run in runs:
             run.seal(on_ready)
 
-    def _start(
-        self,
-        run: JobRun,
-        hold: Callable[[str, list[WorkItem]], None],
-        send_held: Callable[[], None],
-    ) -> None:
+    def _prepare_texts(self, served: ServedModel, texts: list[_Text], window: _Window) -> None:
+        """The window's texts of one model and call, tokenized in one call."""
+        name = served.staged.spec.name
+        began = time.perf_counter()
+        ready: list[_Text] = []
+        for text in texts:
+            try:
+                if text.expires_at is not None and time.time() > text.expires_at:
+                    EXPIRED.labels(name, "prefetch").inc()
+                    raise Expired("deadline passed before this input was fetched")
+                served.staged.load(text.item, self.media)
+                ready.append(text)
+            except PipeqError as exc:
+                text.prepared.set_exception(exc)
+        parts: list[Any] | None = None
+        if ready:
+            try:
+                parts = served.staged.preprocess_texts([t.item for t in ready], ready[0].call)
+            except Exception:  # noqa: BLE001 - a text the tokenizer refuses: each alone, as usual
+                parts = None
+        each_s = (time.perf_counter() - began) / max(1, len(texts))
+        for index, text in enumerate(ready):
+            if parts is None:
+                _complete(text.prepared, partial(text.prepare, None, partial(window.hold, name)))
+                continue
+            STAGE_SECONDS.labels(name, "preprocess").observe(each_s)
+            work = text.make(parts[index])
+            text.progress.track([work.future])
+            window.hold(name, [work])
+            text.prepared.set_result(_Prepared([work.future]))
+
+    def _start(self, run: JobRun, window: _Window) -> None:
         job = run.job
         deliveries = run.claimed.deliveries or 0
         if deliveries > self.settings.max_deliveries:
@@ -295,13 +354,20 @@ class JobRunner:
                 prepare = partial(
                     self._prepare, job.id, served, item, call, rank, expires_at, run.progress
                 )
-                if isinstance(item, str) and not served.staged.chunked:
+                future: Future[_Prepared]
+                if isinstance(item, str) and window.tokenizes(served):
+                    future = Future()
+                    make = partial(_work_item, served.staged, call, rank, expires_at)
+                    text = _Text(item, call, expires_at, run.progress, make, prepare, future)
+                    window.texts.setdefault((job.model, call.key), []).append(text)
+                elif isinstance(item, str) and not served.staged.chunked:
                     # A text needs no fetch and makes one part: prepared here, its part sent with
                     # the window's (one message to the forward process, no hand-off to a pool).
-                    future = _done(partial(prepare, None, partial(hold, job.model)))
+                    future = Future()
+                    _complete(future, partial(prepare, None, partial(window.hold, job.model)))
                 else:
                     if not served.permits.acquire(blocking=False):
-                        send_held()  # held parts must not wait behind this model's permits
+                        window.send_held()  # held parts must not wait behind these permits
                         served.permits.acquire()
                     future = self._prefetch.submit(prepare, served.permits, served.batcher.submit)
                 first[key] = future
@@ -561,14 +627,12 @@ def _release_when_done(items: list[WorkItem], permits: threading.Semaphore | Non
         item.future.add_done_callback(done)
 
 
-def _done(call: Callable[[], _Prepared]) -> Future[_Prepared]:
-    """`call()` run now, as a finished future (its exception kept, as the pool's would be)."""
-    future: Future[_Prepared] = Future()
+def _complete(future: Future[_Prepared], call: Callable[[], _Prepared]) -> None:
+    """Resolve `future` with `call()` run now (its exception kept, as the pool's would be)."""
     try:
         future.set_result(call())
     except BaseException as exc:  # noqa: BLE001 - re-raised by future.result() in _collect
         future.set_exception(exc)
-    return future
 
 
 def _count(job: JobMessage, doc: JobDocument, errors: list[ErrorInfo | None]) -> None:

@@ -1,11 +1,10 @@
 """Task events for Flower, sent in batches from the consumer's loop.
 
 Celery buffers task events (`task-received`, `task-started`, `task-succeeded`...) and publishes a
-buffer as one `task.multi` message, but a buffer of 24 events is published by the job thread that
-filled it, under the dispatcher's lock: with a hundred job threads, a fifth of them were found
-waiting on that lock (py-spy dump of a busy front), each holding its finished job back. With a
-larger buffer, job threads only append, and the consumer's loop, woken once per appended event,
-publishes whatever has accumulated in one message.
+buffer as one `task.multi` message. Each buffered event also asks the consumer's loop to flush
+(`on_send_buffered`: a `call_soon` under the hub's lock, a quarter of a busy front's time when
+sent per event). The job engine (worker/engine.py) sends a window's events and then asks for one
+flush (`JobEngine._flush_events`); the buffer is large enough that no sender publishes it itself.
 """
 
 from __future__ import annotations
@@ -24,3 +23,4 @@ class BatchedTaskEvents(bootsteps.StartStopStep):
         # The Events step builds a new dispatcher on every (re)connection; this runs after it.
         if parent.event_dispatcher is not None:
             parent.event_dispatcher.buffer_limit = EVENT_BUFFER_LIMIT
+            parent.event_dispatcher.on_send_buffered = None
