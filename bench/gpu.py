@@ -15,6 +15,8 @@ Writes bench/results/gpu.json (or $OUT/gpu.json) and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -23,7 +25,9 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -265,14 +269,15 @@ def gpu_parity(path: Path, images: list[Path], scale: Scale) -> dict[str, float]
 
 
 class Sampler:
-    """GPU utilisation and worker RSS sampled every 100 ms while a measurement runs."""
+    """GPU utilisation, worker RSS and CPU per process role sampled every 100 ms while a
+    measurement runs; `extra` summarises the samples within the drain only."""
 
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
-        self.util: list[float] = []
-        self.rss: list[float] = []
+        self.samples: list[tuple[float, float, float, dict[str, float]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._redis = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "redis-server"]
 
     def _run(self) -> None:
         try:
@@ -285,20 +290,26 @@ class Sampler:
         except Exception:  # noqa: BLE001 - no NVML on the CPU smoke run
             handles = []
         while not self._stop.wait(0.1):
-            if handles:
-                self.util.append(
-                    float(np.mean([pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in handles]))
-                )
-            rss = 0
+            util = (
+                float(np.mean([pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in handles]))
+                if handles
+                else -1.0
+            )
+            rss, cpu = 0, {"front": 0.0, "forward": 0.0, "redis": 0.0}
             for pid in self.pids:
                 try:
-                    proc = psutil.Process(pid)
-                    rss += proc.memory_info().rss + sum(
-                        c.memory_info().rss for c in proc.children(recursive=True)
-                    )
+                    tree = [psutil.Process(pid)]
+                    tree += tree[0].children(recursive=True)
+                    for proc in tree:
+                        rss += proc.memory_info().rss
+                        role = "forward" if "forward" in " ".join(proc.cmdline()) else "front"
+                        cpu[role] += sum(proc.cpu_times()[:2])
                 except psutil.NoSuchProcess:
                     pass
-            self.rss.append(rss / 2**20)
+            for proc in self._redis:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    cpu["redis"] += sum(proc.cpu_times()[:2])
+            self.samples.append((time.time(), util, rss / 2**20, cpu))
 
     def __enter__(self) -> Sampler:
         self._thread.start()
@@ -308,11 +319,31 @@ class Sampler:
         self._stop.set()
         self._thread.join()
 
-    def extra(self) -> dict[str, float]:
+    def extra(self, drain: Drain) -> dict[str, Any]:
+        inside = [s for s in self.samples if drain.first <= s[0] <= drain.last] or self.samples
+        if not inside:
+            return {}
+        seconds = max(1e-9, inside[-1][0] - inside[0][0])
         return {
-            "gpu_util_mean_pct": float(np.mean(self.util)) if self.util else -1.0,
-            "worker_rss_max_mib": float(max(self.rss)) if self.rss else -1.0,
+            "gpu_util_mean_pct": float(np.mean([s[1] for s in inside])),
+            "worker_rss_max_mib": float(max(s[2] for s in inside)),
+            "cpu_cores_busy": {
+                role: round((inside[-1][3][role] - inside[0][3][role]) / seconds, 2)
+                for role in inside[0][3]
+            },
+            "drain_s": round(drain.last - drain.first, 2),
+            "redis_usec_per_job": drain.redis_usec_per_job,
         }
+
+
+@dataclass
+class Drain:
+    items_per_s: float
+    latencies: list[float]
+    jobs: int
+    first: float
+    last: float
+    redis_usec_per_job: dict[str, float]
 
 
 METRICS_PORT = 9400
@@ -342,6 +373,20 @@ def profiled(
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def _append_profile(spies: list[Any], pid: int, name: str, args: Any) -> None:
+    spies.append(profiled(pid, name, args.profile, 4))
+    if not args.profile:
+        return
+    # The forward process's threads, waiting ones too: where a batch's time goes.
+    for child in psutil.Process(pid).children(recursive=True):
+        if "forward" in " ".join(child.cmdline()):
+            command = ["py-spy", "record", "-p", str(child.pid), "-d", "4", "-r", "100", "--idle"]
+            command += ["-f", "raw", "-o", str(OUT_DIR / f"idle-{name}.txt")]
+            spies.append(
+                subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+
+
 def prefilled_run(
     client: Client,
     control: Celery,
@@ -350,9 +395,11 @@ def prefilled_run(
     inputs: list[Any],
     per_job: int,
     params: dict[str, Any],
-) -> tuple[float, list[float], int]:
+    on_start: Callable[[], Any] | None = None,
+) -> Drain:
     """Fill the queue while the workers are paused, resume them, and time the drain from the
-    workers' own clocks: items / (last finished - first started). Returns (items/s, latencies, jobs)."""
+    workers' own clocks: items / (last finished - first started); Redis's time per job by
+    command over the drain (INFO commandstats)."""
     queue = queue_name(model, "interactive")
     control.control.cancel_consumer(queue, destination=workers, reply=True)
     requests = [
@@ -362,8 +409,19 @@ def prefilled_run(
     docs = []
     for i in range(0, len(requests), 1000):
         docs += [doc for doc, _ in client.submit_many(requests[i : i + 1000])]
+    broker = redis.Redis.from_url(client.settings.broker_url or "")
+    before = broker.info("commandstats")
     control.control.add_consumer(queue, destination=workers, reply=True)
+    if on_start is not None:
+        on_start()  # a profiler, say: from the drain's start
     finished = [client.wait(doc.id, timeout_s=600) for doc in docs]
+    after = broker.info("commandstats")
+    usec = {
+        name.removeprefix("cmdstat_"): (stats["usec"] - before.get(name, {}).get("usec", 0))
+        / len(docs)
+        for name, stats in after.items()
+    }
+    top = dict(sorted(usec.items(), key=lambda kv: -kv[1])[:10])
     print("jobs per front:", dict(Counter(d.worker for d in finished)), flush=True)
     bad = [
         d for d in finished if d.status != "succeeded" or any(e is not None for e in d.errors or [])
@@ -371,10 +429,13 @@ def prefilled_run(
     assert not bad, bad[0]
     first = min(d.timings["started_at"] for d in finished)
     last = max(d.timings["finished_at"] for d in finished)
-    return (
+    return Drain(
         len(inputs) / (last - first),
         [d.timings["finished_at"] - d.timings["started_at"] for d in finished],
         len(docs),
+        first,
+        last,
+        {name: round(value, 1) for name, value in top.items()},
     )
 
 
@@ -489,27 +550,27 @@ def run_single_process(
         client.wait(client.submit("vit", refs[:64]), 120)  # warm the larger batch shapes
         spy = profiled(worker.pid, "vit64", args.profile)
         with Sampler([worker.pid]) as sampler:
-            rate, lat, jobs = prefilled_run(client, control, [hostname], "vit", refs, 64, {})
+            drain = prefilled_run(client, control, [hostname], "vit", refs, 64, {})
         record(
             "vit pipeq end to end, 64 images per job",
-            rate,
+            drain.items_per_s,
             64,
-            percentiles(lat),
-            jobs=jobs,
-            **sampler.extra(),
+            percentiles(drain.latencies),
+            jobs=drain.jobs,
+            **sampler.extra(drain),
         )
         if spy:
             spy.wait()
         with Sampler([worker.pid]) as sampler:
-            rate, lat, jobs = prefilled_run(client, control, [hostname], "vit", one_per_job, 1, {})
-        vit_peak = rate
+            drain = prefilled_run(client, control, [hostname], "vit", one_per_job, 1, {})
+        vit_peak = drain.items_per_s
         record(
             "vit pipeq end to end, 1 image per job, 1 process",
-            rate,
+            drain.items_per_s,
             1,
-            percentiles(lat),
-            jobs=jobs,
-            **sampler.extra(),
+            percentiles(drain.latencies),
+            jobs=drain.jobs,
+            **sampler.extra(drain),
         )
         for share in (0.1, 0.8):
             jobs_n = max(20, int(vit_peak * share * 4))
@@ -522,14 +583,14 @@ def run_single_process(
             )
         spy = profiled(worker.pid, "bert1", args.profile)
         with Sampler([worker.pid]) as sampler:
-            rate, lat, jobs = prefilled_run(client, control, [hostname], "bert", texts, 1, {})
+            drain = prefilled_run(client, control, [hostname], "bert", texts, 1, {})
         record(
             "bert pipeq end to end, 1 text per job, 1 process",
-            rate,
+            drain.items_per_s,
             1,
-            percentiles(lat),
-            jobs=jobs,
-            **sampler.extra(),
+            percentiles(drain.latencies),
+            jobs=drain.jobs,
+            **sampler.extra(drain),
         )
         if spy:
             spy.wait()
@@ -566,6 +627,7 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="py-spy the worker; dumps land in $OUT"
     )
+    parser.add_argument("--texts", type=int, help="texts for the BERT rows (default: the scale's)")
     parser.add_argument(
         "--procs-only",
         action="store_true",
@@ -573,6 +635,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     scale = SMOKE if args.smoke else FULL
+    if args.texts:
+        scale = dataclasses.replace(scale, texts=args.texts)
     out = OUT_DIR / "gpu.json"
     work = Path(tempfile.mkdtemp(prefix="pipeq-gpu-"))
     device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
@@ -630,7 +694,7 @@ def main() -> None:
     client = Client(settings)
     control = make_celery(settings)
     refs = [{"path": str(p)} for p in images]
-    one_per_job = refs[: scale.images // 4]
+    one_per_job = refs[: scale.images // 2]
     gpus = "auto" if scale.device == "cuda" else "cpu"
     host = os.uname().nodename
 
@@ -662,15 +726,32 @@ def main() -> None:
                 ("bert", texts, 1, "1 text"),
             )
             for model, items, per_job, label in runs:
-                spy = profiled(group.pid, f"procs-{model}-{per_job}", args.profile)
+                spies: list[Any] = []
                 with Sampler([group.pid]) as sampler:
-                    rate, lat, jobs = prefilled_run(
-                        client, control, names, model, items, per_job, {}
+                    drain = prefilled_run(
+                        client,
+                        control,
+                        names,
+                        model,
+                        items,
+                        per_job,
+                        {},
+                        partial(
+                            _append_profile, spies, group.pid, f"procs-{model}-{per_job}", args
+                        ),
                     )
                 name = f"{model} pipeq end to end, {label} per job, {args.procs_per_gpu} processes per GPU"
-                record(name, rate, per_job, percentiles(lat), jobs=jobs, **sampler.extra())
-                if spy:
-                    spy.wait()
+                record(
+                    name,
+                    drain.items_per_s,
+                    per_job,
+                    percentiles(drain.latencies),
+                    jobs=drain.jobs,
+                    **sampler.extra(drain),
+                )
+                for spy in spies:
+                    if spy:
+                        spy.wait()
             fronts = [
                 urllib.request.urlopen(f"http://127.0.0.1:{PROCS_METRICS_PORT + i}/metrics")
                 .read()
@@ -678,7 +759,10 @@ def main() -> None:
                 for i in range(len(names))
             ]
             batches = [
-                line for text in fronts for line in text.splitlines() if "batch_size" in line
+                line
+                for text in fronts
+                for line in text.splitlines()
+                if any(key in line for key in ("batch_size", "stage_seconds", "batch_wait"))
             ]
             (OUT_DIR / "procs-batch-sizes.txt").write_text("\n".join(batches))
         finally:

@@ -27,6 +27,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from celery import Celery, bootsteps, signature
+from celery.app.trace import LOG_RECEIVED
 from celery.worker import state as worker_state
 from redis.exceptions import RedisError
 
@@ -38,6 +39,7 @@ from worker.progress import PROGRESS_INTERVAL_S
 from worker.runner import JobRun, JobRunner
 
 log = logging.getLogger(__name__)
+received_log = logging.getLogger("celery.worker.strategy")
 
 T = TypeVar("T")
 
@@ -282,6 +284,8 @@ def engine_strategy(engine: JobEngine) -> Callable[..., Any]:
                 return
             headers = message.headers or {}
             embed = embed or {}
+            # Celery's own line for a received task, which operators (and tests) read.
+            received_log.info(LOG_RECEIVED, {"name": headers.get("task"), "id": headers.get("id")})
             engine.accept(
                 Delivery(
                     message=message,

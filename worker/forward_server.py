@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 from collections.abc import Hashable
 from concurrent.futures import Future
@@ -259,6 +260,13 @@ def _unexpected(error: BaseException) -> ErrorInfo:
 
 def serve_forward(settings: Settings, models: list[str] | None, socket: str) -> int:
     """Load and warm the models, then serve fronts on the unix socket `socket` until SIGTERM."""
+    # cuDNN's attention builds an execution plan for every new input shape: 60-900 ms for each new
+    # sequence length or batch size on an H200 (bench/NOTES.md, session 4), and a batcher's shapes
+    # change from batch to batch. PyTorch's flash and memory-efficient kernels need no plan.
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    # The batcher thread is this process's critical path, and each front's reader and sender
+    # threads take the GIL from it between its CUDA calls: let it have the GIL back sooner.
+    sys.setswitchinterval(0.001)
     specs = load_registry(settings.models).select(models)
     held = {}
     for spec in specs:
