@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import time
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,8 @@ _PER_TOKEN_OUTPUT_TASKS = frozenset({"feature-extraction"})
 # Tasks whose preprocess of a text is exactly one tokenizer call on it: a window of texts is
 # tokenized in one call (a fast tokenizer encodes a list in parallel, in Rust) and split per text.
 _WINDOW_TOKENIZED_TASKS = frozenset({"text-classification", "feature-extraction"})
+# Padding of keys other than input_ids in a batch of id lists, as `pad_collate_fn` pads them.
+_LIST_PADDING = {"p_mask": 1, "special_tokens_mask": 1}
 # Tasks the library cannot un-batch across inputs of different lengths (document QA's
 # select_starts_ends fails on mismatched shapes): only equal lengths share a batch.
 _EQUAL_LENGTH_BATCH_TASKS = frozenset({"document-question-answering"})
@@ -169,12 +172,37 @@ class StagedPipeline:
 
     def preprocess_texts(self, texts: list[str], call: CallParams) -> list[ModelInputs]:
         """`preprocess` of each text, in one tokenizer call (only where `tokenizes_windows`):
-        the same ids as one call per text, since nothing is padded."""
+        the same ids as one call per text, since nothing is padded. Each text's inputs stay
+        lists of ids, not tensors: they cross to the forward process as JSON, and `forward`
+        pads a batch of them into one tensor per key (`_pad_lists`)."""
         encoded = self.pipe.tokenizer(texts, **call.preprocess)
-        return [
-            {key: torch.tensor([values[index]]) for key, values in encoded.items()}
-            for index in range(len(texts))
-        ]
+        keys = list(encoded.keys())
+        return [{key: encoded[key][index] for key in keys} for index in range(len(texts))]
+
+    def _pad_lists(self, parts: list[ModelInputs]) -> ModelInputs:
+        """What `pad_collate_fn` makes of these parts as tensors, built from their id lists
+        (copied in C, `array.extend`, then scattered once per key): the same values, padding
+        and side."""
+        tokenizer = self.pipe.tokenizer
+        lengths = np.array([len(part["input_ids"]) for part in parts])
+        longest = int(lengths.max())
+        columns = np.arange(longest)
+        if tokenizer.padding_side == "left":
+            kept = columns >= (longest - lengths)[:, None]
+        else:
+            kept = columns < lengths[:, None]
+        batch = {}
+        for key in parts[0]:
+            value = tokenizer.pad_token_id if key == "input_ids" else _LIST_PADDING.get(key, 0)
+            if value is None and longest * len(parts) != lengths.sum():
+                raise ValueError("a tokenizer without a pad token cannot batch texts")
+            ids = array("q")
+            for part in parts:
+                ids.extend(part[key])
+            padded = np.full((len(parts), longest), value or 0, dtype=np.int64)
+            padded[kept] = np.frombuffer(ids, dtype=np.int64)
+            batch[key] = torch.from_numpy(padded)
+        return batch
 
     def iter_parts(self, item: Any, call: CallParams) -> Iterator[ModelInputs]:
         """`preprocess`, made as it is consumed: a long input's chunks need not all be held."""
@@ -216,9 +244,12 @@ class StagedPipeline:
 
     def forward(self, parts: list[ModelInputs], call: CallParams) -> list[Any]:
         """One forward pass over `parts` (collated and padded as pipeline(batch_size=n) would)."""
+        listed = isinstance(parts[0].get("input_ids"), list)
         if len(parts) == 1:
-            return [self.pipe.forward(parts[0], **call.forward)]
-        batch = self._collate(parts)
+            return [
+                self.pipe.forward(self._pad_lists(parts) if listed else parts[0], **call.forward)
+            ]
+        batch = self._pad_lists(parts) if listed else self._collate(parts)
         outputs = list(PipelineIterator([batch], self.pipe.forward, call.forward, len(parts)))
         if self.spec.task in _PER_TOKEN_OUTPUT_TASKS:
             for part, output in zip(parts, outputs, strict=True):
@@ -251,6 +282,8 @@ class StagedPipeline:
     def part_length(part: ModelInputs) -> int:
         """Padding cost of a part: sequence length for text, 0 where shapes are fixed."""
         ids = part.get("input_ids")
+        if isinstance(ids, list):
+            return len(ids)
         return int(ids.shape[-1]) if isinstance(ids, torch.Tensor) else 0
 
     def run_one(self, item: Any, params: dict[str, Any]) -> Any:

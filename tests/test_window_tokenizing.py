@@ -1,0 +1,83 @@
+"""A window's texts tokenized in one call and padded from id lists answer as `pipeline()` does on
+each text alone, and their batch is the tensors `pad_collate_fn` makes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import pipeline
+
+from config.registry import ModelSpec
+from worker.forward_wire import WireError, decode, encode
+from worker.pipelines import StagedPipeline
+
+TEXTS = [
+    "short",
+    "a somewhat longer text about a film that was fine",
+    "",
+    "the delivery was late again and the box was wet " * 6,
+    "ünïcödé and emoji 🙂 text",
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "task", "params"),
+    [
+        ("tiny-sentiment", "text-classification", {}),
+        ("tiny-sentiment", "text-classification", {"top_k": 2}),
+        ("tiny-features", "feature-extraction", {}),
+    ],
+)
+def test_window_answers_equal_pipeline_per_text(
+    model_dir: Path, name: str, task: str, params: dict
+) -> None:
+    path = str(model_dir / "models" / name)
+    pipe = pipeline(task, model=path, device="cpu")
+    staged = StagedPipeline(ModelSpec(name=name, task=task, model=path), pipe)
+    assert staged.tokenizes_windows
+    call = staged.call_params(params)
+    parts = staged.preprocess_texts(TEXTS, call)
+    # The batch from id lists is exactly the library's collate of the one-text tensors.
+    one_by_one = [staged.preprocess(text, call)[0] for text in TEXTS]
+    listed, collated = staged._pad_lists(parts), staged._collate(one_by_one)
+    assert listed.keys() == collated.keys()
+    for key in listed:
+        assert torch.equal(listed[key], collated[key]), key
+    # Through the wire, as the forward process receives them, then one forward pass.
+    received = decode(encode(parts))
+    outputs = staged.forward(received, call)
+    for text, output in zip(TEXTS, outputs, strict=True):
+        got = staged.postprocess([output], call)
+        want = staged.run_one(text, params)
+        torch.testing.assert_close(
+            torch.tensor(_numbers(got)), torch.tensor(_numbers(want)), atol=1e-5, rtol=1e-4
+        )
+        assert _labels(got) == _labels(want)
+
+
+def _numbers(value: object) -> list[float]:
+    if isinstance(value, dict):
+        return [v for key in sorted(value) for v in _numbers(value[key])]
+    if isinstance(value, list):
+        return [v for item in value for v in _numbers(item)]
+    return [float(value)] if isinstance(value, (int, float)) else []
+
+
+def _labels(value: object) -> list[str]:
+    if isinstance(value, dict):
+        return [v for key in sorted(value) for v in _labels(value[key])]
+    if isinstance(value, list):
+        return [v for item in value for v in _labels(item)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_id_lists_cross_as_json_and_nothing_else_passes_for_them() -> None:
+    ids = {"input_ids": [101, 2023, 102], "attention_mask": [1, 1, 1]}
+    assert decode(encode(ids)) == ids
+    mixed = [1, 2.5, 3]  # not all integers: sent element by element, as before
+    assert decode(encode(mixed)) == mixed
+    forged = b'{"tree": {"$l": [1, "import os"]}, "sizes": []}'
+    with pytest.raises(WireError):
+        decode(len(forged).to_bytes(4, "big") + forged)
