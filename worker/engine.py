@@ -130,8 +130,12 @@ class JobEngine:
 
     def _begin(self, deliveries: list[Delivery]) -> None:
         pairs = [(delivery.body, delivery) for delivery in deliveries]
-        runs = self._retrying("claim", partial(self.runner.claim, pairs, self.hostname))
-        if runs is None:  # draining while the store was unreachable: the queue keeps them
+        try:
+            runs = self._retrying("claim", partial(self.runner.claim, pairs, self.hostname))
+        except Exception:  # noqa: BLE001 - pipeq's bug: the messages go back, counted next time
+            log.exception("a window of %d jobs could not be claimed", len(deliveries))
+            runs = None
+        if runs is None:  # or draining while the store was unreachable: the queue keeps them
             for delivery in deliveries:
                 self._settle(delivery, requeue=True)
             return
@@ -164,14 +168,30 @@ class JobEngine:
         while True:
             runs = _take(self._ready, WINDOW)
             docs = [self._finish(run) for run in runs]
-            store = partial(self.runner.store, runs, docs)
-            records = self._retrying("store", store, give_up=False)
-            assert records is not None
-            for run, record in zip(runs, records, strict=True):
+            try:
+                stored = self._retrying("store", partial(self.runner.store, runs, docs), False)
+            except Exception:  # noqa: BLE001 - pipeq's bug: store the window's jobs one by one
+                log.exception("a window of %d results could not be stored", len(runs))
+                stored = None
+            for index, run in enumerate(runs):
                 with self._lock:
                     self._live.pop(id(run), None)
-                self._complete(run.delivery, record, time.time() - run.started)
+                if stored is not None:
+                    self._complete(run.delivery, stored[index], time.time() - run.started)
+                else:
+                    self._store_alone(run, docs[index])
             self._flush_events()
+
+    def _store_alone(self, run: JobRun, doc: JobDocument) -> None:
+        """A job whose window failed to store: stored alone, or its message goes back to the
+        queue (its delivery count makes a job that always fails a poison job in the end)."""
+        try:
+            (record,) = self._retrying("store", partial(self.runner.store, [run], [doc]), False)
+        except Exception:  # noqa: BLE001 - as above, for this job alone
+            log.exception("the result of job %s could not be stored", run.job.id)
+            self._settle(run.delivery, requeue=True)
+            return
+        self._complete(run.delivery, record, time.time() - run.started)
 
     def _finish(self, run: JobRun) -> JobDocument:
         try:
