@@ -3,6 +3,7 @@ each text alone, and their batch is the tensors `pad_collate_fn` makes."""
 
 from __future__ import annotations
 
+from array import array
 from pathlib import Path
 
 import pytest
@@ -73,11 +74,9 @@ def _labels(value: object) -> list[str]:
     return [value] if isinstance(value, str) else []
 
 
-def test_id_lists_cross_as_json_and_nothing_else_passes_for_them() -> None:
-    ids = {"input_ids": [101, 2023, 102], "attention_mask": [1, 1, 1]}
+def test_id_arrays_cross_as_raw_bytes_and_come_back_equal() -> None:
+    ids = {"input_ids": array("q", [101, 2023, 102]), "attention_mask": array("q", [1, 1, 1])}
     assert decode(encode(ids)) == ids
-    mixed = [1, 2.5, 3]  # not all integers: sent element by element, as before
-    assert decode(encode(mixed)) == mixed
-    forged = b'{"tree": {"$l": [1, "import os"]}, "sizes": []}'
-    with pytest.raises(WireError):
-        decode(len(forged).to_bytes(4, "big") + forged)
+    header = b'{"tree": {"$q": 0}, "sizes": [5]}'
+    with pytest.raises(WireError):  # five bytes are no whole number of int64s
+        decode(len(header).to_bytes(4, "big") + header + b"12345")

@@ -9,8 +9,8 @@ library's own output mappings, by the name of a class already loaded).
 
 Encoded forms (objects with one `$` key; a dict whose keys are not all plain strings goes as
 `$items`): `{"$t": [i, dtype, shape]}` tensor, `{"$a": [i, dtype, shape]}` numpy array,
-`{"$b": i}` bytes, `{"$l": [ints]}` a list of integers (token ids) as JSON,
-`{"$s": [dtype, value]}` numpy scalar, `{"$tuple": [...]}`,
+`{"$b": i}` bytes, `{"$q": i}` an `array('q')` (token ids), `{"$s": [dtype, value]}` numpy
+scalar, `{"$tuple": [...]}`,
 `{"$items": [class or null, [[key, value], ...]]}`.
 """
 
@@ -61,14 +61,6 @@ def _class_named(name: str) -> type:
     return _classes[name]
 
 
-def _all_ints(values: list[Any]) -> bool:
-    try:
-        array("q", values)  # in C: refuses anything but an int that fits 64 bits
-    except (TypeError, OverflowError):
-        return False
-    return True
-
-
 def _class_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -85,8 +77,6 @@ class _Encoder:
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
         if isinstance(value, list):
-            if value and type(value[0]) is int and _all_ints(value):
-                return {"$l": value}  # token ids: as they are, not element by element
             return [self.encode(v) for v in value]
         if isinstance(value, tuple):
             return {"$tuple": [self.encode(v) for v in value]}
@@ -122,6 +112,8 @@ class _Encoder:
             return {"$s": [value.dtype.str, value.item()]}
         if isinstance(value, (bytes, bytearray, memoryview)):
             return {"$b": self._buffer(value)}
+        if isinstance(value, array) and value.typecode == "q":
+            return {"$q": self._buffer(value)}
         raise WireError(f"cannot send a {type(value).__name__}")
 
 
@@ -151,15 +143,19 @@ def _items(body: Any, buffers: list[memoryview]) -> Any:
     return pairs if cls is None else _class_named(cls)(pairs)
 
 
-def _not_ints() -> Any:
-    raise WireError("a list of ids holds something other than integers")
+def _int64s(raw: memoryview) -> array[int]:
+    ids = array("q")
+    if len(raw) % ids.itemsize:
+        raise WireError("an int64 array's bytes are not a whole number of items")
+    ids.frombytes(raw)
+    return ids
 
 
 _TAGS = {
     "$t": _tensor,
     "$a": _array,
     "$b": lambda body, buffers: bytes(buffers[body]),
-    "$l": lambda body, _: body if isinstance(body, list) and _all_ints(body) else _not_ints(),
+    "$q": lambda body, buffers: _int64s(buffers[body]),
     "$s": lambda body, _: np.dtype(body[0]).type(body[1]),
     "$tuple": lambda body, buffers: tuple(_decode(v, buffers) for v in body),
     "$items": _items,

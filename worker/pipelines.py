@@ -172,17 +172,18 @@ class StagedPipeline:
 
     def preprocess_texts(self, texts: list[str], call: CallParams) -> list[ModelInputs]:
         """`preprocess` of each text, in one tokenizer call (only where `tokenizes_windows`):
-        the same ids as one call per text, since nothing is padded. Each text's inputs stay
-        lists of ids, not tensors: they cross to the forward process as JSON, and `forward`
+        the same ids as one call per text, since nothing is padded. Each text's inputs are
+        int64 arrays, not tensors: they cross to the forward process as raw bytes, and `forward`
         pads a batch of them into one tensor per key (`_pad_lists`)."""
         encoded = self.pipe.tokenizer(texts, **call.preprocess)
         keys = list(encoded.keys())
-        return [{key: encoded[key][index] for key in keys} for index in range(len(texts))]
+        return [
+            {key: array("q", encoded[key][index]) for key in keys} for index in range(len(texts))
+        ]
 
     def _pad_lists(self, parts: list[ModelInputs]) -> ModelInputs:
-        """What `pad_collate_fn` makes of these parts as tensors, built from their id lists
-        (copied in C, `array.extend`, then scattered once per key): the same values, padding
-        and side."""
+        """What `pad_collate_fn` makes of these parts as tensors, built from their id arrays
+        (joined, then scattered once per key): the same values, padding and side."""
         tokenizer = self.pipe.tokenizer
         lengths = np.array([len(part["input_ids"]) for part in parts])
         longest = int(lengths.max())
@@ -244,7 +245,7 @@ class StagedPipeline:
 
     def forward(self, parts: list[ModelInputs], call: CallParams) -> list[Any]:
         """One forward pass over `parts` (collated and padded as pipeline(batch_size=n) would)."""
-        listed = isinstance(parts[0].get("input_ids"), list)
+        listed = isinstance(parts[0].get("input_ids"), array)
         if len(parts) == 1:
             return [
                 self.pipe.forward(self._pad_lists(parts) if listed else parts[0], **call.forward)
@@ -282,7 +283,7 @@ class StagedPipeline:
     def part_length(part: ModelInputs) -> int:
         """Padding cost of a part: sequence length for text, 0 where shapes are fixed."""
         ids = part.get("input_ids")
-        if isinstance(ids, list):
+        if isinstance(ids, array):
             return len(ids)
         return int(ids.shape[-1]) if isinstance(ids, torch.Tensor) else 0
 
