@@ -206,9 +206,9 @@ class JobRunner:
         changes: list[tuple[int, JobDocument, tuple[str, ...], int | None]] = []
         backlog: list[JobMessage] = []
         for index, job in enumerate(jobs):
-            current = None if job is None else held[job.id]
             if job is None:
                 continue
+            current = held[job.id]
             if current is None:
                 # No record (its TTL ran out while queued, or published by hand): keep a fresh one.
                 claims[index] = _running(job, worker, started, deliveries=1)
@@ -237,17 +237,14 @@ class JobRunner:
             elif now is not None:
                 self._not_running(job, now, backlog)
         self._leave_backlog(backlog)
-        return [
-            None if claim is None else self._run(jobs[index], claim, started, deliveries[index][1])
-            for index, claim in enumerate(claims)
-        ]
-
-    def _run(
-        self, job: JobMessage | None, claimed: JobDocument, started: float, delivery: Any
-    ) -> JobRun:
-        assert job is not None
-        QUEUE_WAIT.labels(job.model, job.lane).observe(max(0.0, started - job.submitted_at))
-        return JobRun(job, claimed, started, delivery, ProgressTracker())
+        runs: list[JobRun | None] = []
+        for job, claim, (_, delivery) in zip(jobs, claims, deliveries, strict=True):
+            if job is None or claim is None:
+                runs.append(None)
+                continue
+            QUEUE_WAIT.labels(job.model, job.lane).observe(max(0.0, started - job.submitted_at))
+            runs.append(JobRun(job, claim, started, delivery, ProgressTracker()))
+        return runs
 
     @staticmethod
     def _not_running(job: JobMessage, current: JobDocument, backlog: list[JobMessage]) -> None:
