@@ -159,6 +159,29 @@ class RedisRecords:
         )
         return [job_id.decode() for job_id in ids]
 
+    def seen_stale_before(
+        self, model: str, lane: str, job_ids: list[str], now: float, grace_s: float
+    ) -> list[str]:
+        """Of `job_ids`, stale on an empty queue now, those already seen so at least `grace_s`
+        ago; the others are noted as seen now. A message a live worker has taken off the queue
+        but not yet claimed is seen once at most: its job is running by the next sighting."""
+        key = f"pipeq:stale:{model}:{lane}"
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.zscore(key, job_id)
+        seen = dict(zip(job_ids, pipe.execute(), strict=True))
+        due = [job_id for job_id, at in seen.items() if at is not None and at <= now - grace_s]
+        pipe = self._redis.pipeline(transaction=False)
+        # Sightings of jobs claimed since (or published again) are forgotten after a while.
+        pipe.zremrangebyscore(key, "-inf", now - 4 * grace_s)
+        first = {job_id: now for job_id, at in seen.items() if at is None}
+        if first:
+            pipe.zadd(key, first)
+        if due:
+            pipe.zrem(key, *due)
+        pipe.execute()
+        return due
+
     def republishable(self, model: str, lane: str, job_ids: list[str], now: float) -> list[str]:
         """The kept messages of those of `job_ids` still queued (re-stamped as published `now`);
         ids with no queued record leave the pending set."""

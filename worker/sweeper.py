@@ -6,9 +6,12 @@ in its socket, loses the message, and its job would stay `queued` forever
 (tests/reliability/test_worker_kill.py lost 2, and once 41, of 2,000 jobs to five SIGKILLs).
 So every job keeps its message in its record while it is queued (producer/records.py), and a
 worker sweeps, for each lane it serves whose queue is empty, the jobs still queued that were
-published more than `grace_s` ago, and publishes them again. A copy of a job that was not lost
-(one still waiting in a live worker's prefetch) is harmless: whichever copy claims the job first
-runs it, and the other finds it running or done and is dropped.
+published more than `grace_s` ago, and publishes them again once it has seen them so at two
+sweeps `grace_s` apart. One sighting is not enough: a job that waited long in a busy queue is
+stale the moment a worker takes its message, until the worker claims it; a copy published then
+could run the job a second time after its first run's record was collected and deleted (a
+backfill deletes what it has written out). Whichever copy claims a job first runs it; the other
+finds it running or done and is dropped.
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ class LostJobSweeper:
             if sum(self._broker.llen(key) for key in keys):
                 continue  # what is still queued will be taken; nothing can be told lost yet
             stale = self._records.stale_pending(model, lane, now - self._grace_s, _BATCH)
+            if stale:
+                stale = self._records.seen_stale_before(model, lane, stale, now, self._grace_s)
             bodies = self._records.republishable(model, lane, stale, now) if stale else []
             if bodies:
                 self._send([JobMessage.model_validate(json.loads(body)) for body in bodies])
