@@ -1,8 +1,8 @@
 """After a job: its webhook and its Celery links; and webhook delivery, in its own worker.
 
-The GPU worker only publishes: when `pipeq.run` finishes a job it sends one `pipeq.webhook`
-message to the `pipeq.webhooks` queue (about a millisecond) and hands Celery the job document
-for the producer's `link` / `link_error`. Sending happens in `pipeq webhooks worker`, a
+The GPU worker only publishes: when its job engine (worker/engine.py) finishes a job it sends one
+`pipeq.webhook` message to the `pipeq.webhooks` queue (about a millisecond) and applies the
+producer's `link` / `link_error` to the job document. Sending happens in `pipeq webhooks worker`, a
 separate process with no models, so a slow or dead receiver never holds a GPU worker's thread.
 
 Each attempt signs the body afresh per Standard Webhooks (the `webhook-id` stays
@@ -42,7 +42,7 @@ from config.settings import Settings
 from producer.jobs import FINAL_STATUSES, JobDocument, owner_of
 from producer.records import JobRecords, open_records
 from producer.stores import ResultStores
-from producer.webhooks import DeadLetter, DeadLetters, WebhookDelivery, publish_for
+from producer.webhooks import DeadLetter, DeadLetters, WebhookDelivery
 from worker.urlguard import checked_url, deadline, guarded_client
 
 log = logging.getLogger(__name__)
@@ -52,25 +52,6 @@ _MAX_DOUBLINGS = 30  # 2**30 first steps is far past any cap; keeps the float fi
 
 
 # --- the GPU worker's side -------------------------------------------------------------------
-
-
-def job_finished(celery: Celery, request: Any, record: JobDocument | None) -> dict[str, Any] | None:
-    """Publish the job's webhook and set up its links; returns what `pipeq.run` returns.
-
-    Celery applies `request.callbacks` (the producer's `link`) to the task's return value, after
-    it returns, even with task_ignore_result. A succeeded job keeps its `link`; a failed or
-    expired one gets its `link_error` in that place, so both callbacks receive the job document
-    (Celery's own errbacks get only the task id, and only when the task raises); a job that did
-    not run (cancelled) calls neither. An exception in the task still reaches `link_error` the
-    Celery way, with the job id.
-    """
-    if record is None:
-        request.callbacks = None
-        return None
-    publish_for(celery, record)
-    if record.status != "succeeded":
-        request.callbacks = request.errbacks
-    return record.model_dump(mode="json")
 
 
 def finished_earlier(records: JobRecords, message: dict[str, Any]) -> JobDocument | None:
