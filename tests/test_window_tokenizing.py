@@ -40,15 +40,20 @@ def test_window_answers_equal_pipeline_per_text(
     assert staged.tokenizes_windows
     call = staged.call_params(params)
     parts = staged.preprocess_texts(TEXTS, call)
-    # The batch from id lists is exactly the library's collate of the one-text tensors.
+    # The batch from packed id arrays is the library's collate of the one-text tensors, padded
+    # on to a multiple of 8 columns; a block's pack crosses the wire as raw bytes.
     one_by_one = [staged.preprocess(text, call)[0] for text in TEXTS]
-    listed, collated = staged._pad_lists(parts), staged._collate(one_by_one)
+    packs = [decode(encode(staged.pack(parts[:2]))), decode(encode(staged.pack(parts[2:])))]
+    listed, collated = staged.collate(packs), staged._collate(one_by_one)
     assert listed.keys() == collated.keys()
+    width = collated["input_ids"].shape[1]
+    assert listed["input_ids"].shape[1] == -(-width // 8) * 8
+    pad = staged.pipe.tokenizer.pad_token_id
     for key in listed:
-        assert torch.equal(listed[key], collated[key]), key
-    # Through the wire, as the forward process receives them, then one forward pass.
-    received = decode(encode(parts))
-    outputs = staged.forward(received, call)
+        assert torch.equal(listed[key][:, :width], collated[key]), key
+        assert (listed[key][:, width:] == (pad if key == "input_ids" else 0)).all(), key
+    # One forward pass over the two blocks, un-batched per text.
+    outputs = staged.unbatch(staged.forward_batch(listed, call), parts, call, batched=True)
     for text, output in zip(TEXTS, outputs, strict=True):
         got = staged.postprocess([output], call)
         want = staged.run_one(text, params)

@@ -44,6 +44,7 @@ class WorkItem:
     group: Hashable
     call: Any
     length: int = 0
+    rows: int = 1  # a block of a front's parts (worker/forward_server.py) is one item of many rows
     lane_rank: int = 0
     expires_at: float | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
@@ -76,14 +77,24 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+class SplitBlock(Exception):
+    """A block of several rows that must run as smaller blocks: it failed alone (its sender
+    splits it until the row that fails is alone) or is over the batch limit now."""
+
+
 def take_batch(pending: list[WorkItem], limit: int) -> list[WorkItem]:
-    """Remove and return the next batch from `pending` (see the module docstring)."""
+    """Remove and return the next batch of at most `limit` rows from `pending` (see the module
+    docstring); the anchor goes even if it alone is over the limit."""
     anchor = min(pending, key=lambda item: (item.lane_rank, item.enqueued_at))
-    group = [item for item in pending if item.group == anchor.group]
+    group = [item for item in pending if item.group == anchor.group and item is not anchor]
     group.sort(
         key=lambda item: (item.lane_rank, abs(item.length - anchor.length), item.enqueued_at)
     )
-    batch = [anchor, *(item for item in group if item is not anchor)][:limit]
+    batch, rows = [anchor], anchor.rows
+    for item in group:
+        if rows + item.rows <= limit:
+            batch.append(item)
+            rows += item.rows
     chosen = set(map(id, batch))
     pending[:] = [item for item in pending if id(item) not in chosen]
     return batch
@@ -158,12 +169,14 @@ class Batcher:
     def _group_full(self) -> bool:
         anchor = min(self._pending, key=lambda item: (item.lane_rank, item.enqueued_at))
         limit = self.limit
-        return sum(1 for item in self._pending if item.group == anchor.group) >= limit
+        return sum(item.rows for item in self._pending if item.group == anchor.group) >= limit
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
             batch = self._drop_expired(batch)
-            if batch:
+            if len(batch) == 1 and batch[0].rows > self.limit:
+                batch[0].future.set_exception(SplitBlock(f"over the batch limit {self.limit}"))
+            elif batch:
                 self.run_batch(batch)
 
     def _drop_expired(self, batch: list[WorkItem]) -> list[WorkItem]:
@@ -187,7 +200,7 @@ class Batcher:
             return
         if self._hooks:
             self._hooks.on_batch(
-                len(batch),
+                sum(item.rows for item in batch),
                 time.monotonic() - started,
                 [started - item.enqueued_at for item in batch],
             )
@@ -195,31 +208,30 @@ class Batcher:
             item.future.set_result(output)
 
     def _on_failure(self, batch: list[WorkItem], exc: Exception) -> None:
+        rows = sum(item.rows for item in batch)
         if is_out_of_memory(exc):
             if self._hooks:
-                self._hooks.on_oom(len(batch))
+                self._hooks.on_oom(rows)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            if len(batch) > 1:
-                self._limit = max(1, min(self._limit, len(batch) // 2))
+            if rows > 1:
+                self._limit = max(1, min(self._limit, rows // 2))
                 self._limit_restores_at = time.monotonic() + self._oom_cooldown_s
                 log.warning(
-                    "%s: out of memory at batch %d; limit now %d",
-                    self.name,
-                    len(batch),
-                    self._limit,
+                    "%s: out of memory at batch %d; limit now %d", self.name, rows, self._limit
                 )
-        elif len(batch) == 1:
+        if len(batch) > 1:
+            half = len(batch) // 2
+            self.run_batch(batch[:half])
+            self.run_batch(batch[half:])
+        elif rows > 1:
+            batch[0].future.set_exception(SplitBlock(type(exc).__name__))
+        elif is_out_of_memory(exc):
+            # A single input that does not fit even alone: its job fails it, others go on.
+            log.warning("%s: out of memory on a single input: %r", self.name, exc)
+            batch[0].future.set_exception(ModelError("out of memory on a single input"))
+        else:
             # The library's text stays in the log; the caller gets the exception's class only.
             log.warning("%s: input failed in forward: %r", self.name, exc)
             failed = ModelError(f"the model could not run this input ({type(exc).__name__})")
             batch[0].future.set_exception(failed)
-            return
-        if len(batch) == 1:
-            # A single item that does not fit even alone: its job fails it, others go on.
-            log.warning("%s: out of memory on a single input: %r", self.name, exc)
-            batch[0].future.set_exception(ModelError("out of memory on a single input"))
-            return
-        half = len(batch) // 2
-        self.run_batch(batch[:half])
-        self.run_batch(batch[half:])

@@ -1,12 +1,23 @@
 """A front's handle on the forward process: `submit` like a `Batcher`, answers as futures.
 
+Parts travel in blocks: what is queued when a thread sends is grouped (`WorkItem.group`), sorted
+by lane then length within each group, and cut into blocks of at most a batch, each packed in one
+piece (`StagedPipeline.pack`); the forward process runs blocks, not parts, and sends each block's
+rows of the batch's outputs back, which this front un-batches per part (`StagedPipeline.unbatch`).
+So the per-part work stays in the fronts, which scale over the cores, and the one CUDA process
+does work per batch only.
+
 A thread that submits parts sends them itself, with every part other threads queued meanwhile
 (one message; while it writes, the next submitters queue theirs for the next message), so no
-hand-off to a sender thread costs a wait for the GIL; a reader thread resolves each part's future
-from the answers. If the forward process goes away (killed, restarted by the supervisor), the
-front reconnects and sends again every part still unanswered, so a forward crash costs time, not
-jobs; a part sent `MAX_SENDS` times without an answer (it may be what kills the forward process)
-fails alone with `ModelError`.
+hand-off to a sender thread costs a wait for the GIL; a reader thread resolves the futures.
+
+Failures: a block answered "split" (it failed alone, or is over the batch limit after an
+out-of-memory error) is sent again as two halves, down to the one part that fails, which fails
+alone. A part whose deadline passed before its batch began fails `Expired`. If the forward process
+goes away (killed, restarted by the supervisor), the front reconnects and sends again every block
+still unanswered, so a forward crash costs time, not jobs; a block sent `MAX_SENDS` times without
+an answer (it may hold what kills the forward process) is split, and a single part fails alone
+with `ModelError`.
 """
 
 from __future__ import annotations
@@ -17,12 +28,14 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from config.errors import ErrorInfo, Expired, ModelError, PipeqError
 from worker.batcher import BatchHooks, WorkItem
-from worker.forward_server import Answer, Entry, Submission
+from worker.forward_server import Answer, Block, Submission
 from worker.forward_wire import WireError, receive, send
+from worker.pipelines import StagedPipeline
 
 log = logging.getLogger(__name__)
 
@@ -30,31 +43,39 @@ MAX_SENDS = 3
 RECONNECT_S = 120.0
 
 
+@dataclass(eq=False)
+class _Block:
+    items: list[WorkItem]
+    sends: int = 0
+
+
 class ForwardClient:
     """One model's batcher as seen from a front process."""
 
     def __init__(
         self,
-        model: str,
+        staged: StagedPipeline,
         connect: Callable[[], Connection],
         *,
         max_batch_size: int,
         hooks: BatchHooks | None = None,
     ) -> None:
-        self.name = model
+        self.name = staged.spec.name
         self.max_batch_size = max_batch_size
+        self._staged = staged
         self._connect = connect
         self._hooks = hooks
         self._ids = itertools.count()
         self._cond = threading.Condition()
-        self._outgoing: list[tuple[int, WorkItem]] = []
-        self._in_flight: dict[int, tuple[WorkItem, int]] = {}
+        self._outgoing: list[WorkItem] = []  # parts not yet in a block
+        self._again: list[_Block] = []  # blocks to send as they are (halves, resends)
+        self._in_flight: dict[int, _Block] = {}
         self._calls_sent: set[str] = set()
         self._conn = connect()
         self._stopping = False
         self._sending = False
         self._reader = threading.Thread(
-            target=self._read_loop, name=f"from-forward-{model}", daemon=True
+            target=self._read_loop, name=f"from-forward-{self.name}", daemon=True
         )
 
     def start(self) -> ForwardClient:
@@ -65,7 +86,7 @@ class ForwardClient:
         with self._cond:
             if self._stopping:
                 raise RuntimeError(f"forward client {self.name} is stopped")
-            self._outgoing.extend((next(self._ids), item) for item in items)
+            self._outgoing.extend(items)
             sends = self._become_sender()
         if sends:
             self._send_queued()
@@ -75,7 +96,7 @@ class ForwardClient:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-            while self._in_flight or self._outgoing:
+            while self._in_flight or self._outgoing or self._again:
                 self._cond.wait(0.1)
         self._conn.close()
 
@@ -91,35 +112,55 @@ class ForwardClient:
         """Send what is queued until nothing is; only the thread that set `_sending` calls it."""
         while True:
             with self._cond:
-                if not self._outgoing:
+                if not self._outgoing and not self._again:
                     self._sending = False
                     return
-                batch, self._outgoing = self._outgoing, []
-                for item_id, item in batch:
-                    sends = self._in_flight.get(item_id, (item, 0))[1] + 1
-                    self._in_flight[item_id] = (item, sends)
+                blocks = self._again + self._cut(self._outgoing)
+                self._outgoing, self._again = [], []
+                sent = []
+                for block in blocks:
+                    block.sends += 1
+                    block_id = next(self._ids)
+                    self._in_flight[block_id] = block
+                    sent.append((block_id, block))
                 conn = self._conn
-            self._send(conn, batch)
+            self._send(conn, sent)
 
-    def _send(self, conn: Connection, batch: list[tuple[int, WorkItem]]) -> None:
+    def _cut(self, items: list[WorkItem]) -> list[_Block]:
+        """Items grouped, each group sorted by lane then length, cut into blocks of a batch."""
+        groups: dict[object, list[WorkItem]] = {}
+        for item in items:
+            groups.setdefault(item.group, []).append(item)
+        blocks = []
+        for group in groups.values():
+            group.sort(key=lambda item: (item.lane_rank, item.length))
+            for start in range(0, len(group), self.max_batch_size):
+                blocks.append(_Block(group[start : start + self.max_batch_size]))
+        return blocks
+
+    def _send(self, conn: Connection, sent: list[tuple[int, _Block]]) -> None:
         calls = {}
-        for _, item in batch:
-            if item.call.key not in self._calls_sent:
-                calls[item.call.key] = item.call
-        entries = [
-            Entry(
-                item_id,
-                item.call.key,
-                item.group,
-                item.length,
-                item.lane_rank,
-                item.expires_at,
-                item.part,
+        wire = []
+        for block_id, block in sent:
+            items = block.items
+            call = items[0].call
+            if call.key not in self._calls_sent:
+                calls[call.key] = call
+            deadlines = [item.expires_at for item in items]
+            wire.append(
+                Block(
+                    block_id,
+                    call.key,
+                    items[0].group,
+                    max(item.length for item in items),
+                    min(item.lane_rank for item in items),
+                    None if None in deadlines else max(deadlines),  # type: ignore[type-var]
+                    len(items),
+                    self._staged.pack([item.part for item in items]),
+                )
             )
-            for item_id, item in batch
-        ]
         try:
-            send(conn, Submission(self.name, entries, calls).to_wire())
+            send(conn, Submission(self.name, wire, calls).to_wire())
             self._calls_sent.update(calls)
         except (OSError, EOFError):
             pass  # the reader sees the connection drop and sends these again
@@ -127,11 +168,12 @@ class ForwardClient:
             # A part the wire cannot carry is pipeq's bug: its inputs fail, the front goes on.
             log.exception("parts for %s could not be sent", self.name)
             with self._cond:
-                for item_id, item in batch:
-                    self._in_flight.pop(item_id, None)
-                    item.future.set_exception(
-                        ModelError("this input could not be sent to the model")
-                    )
+                for block_id, block in sent:
+                    self._in_flight.pop(block_id, None)
+                    for item in block.items:
+                        item.future.set_exception(
+                            ModelError("this input could not be sent to the model")
+                        )
 
     def _read_loop(self) -> None:
         while True:
@@ -147,25 +189,56 @@ class ForwardClient:
 
     def _resolve(self, answer: Answer) -> None:
         with self._cond:
-            held = self._in_flight.pop(answer.item_id, None)
+            block = self._in_flight.pop(answer.block_id, None)
             if not self._in_flight:
                 self._cond.notify_all()
-        if held is None:
+        if block is None:
             return
-        item = held[0]
         if answer.batch is not None and self._hooks is not None:
             self._hooks.on_batch(answer.batch.size, answer.batch.forward_s, answer.batch.waited_s)
             for _ in range(answer.batch.oom_splits):
                 self._hooks.on_oom(answer.batch.size)
-        if answer.error is None:
-            item.future.set_result(answer.output)
+        if answer.split:
+            self._split(block)
+        elif answer.error is not None:
+            self._fail(block.items, _error(answer.error))
+        else:
+            self._answer(block.items, answer)
+
+    def _answer(self, items: list[WorkItem], answer: Answer) -> None:
+        try:
+            parts = [item.part for item in items]
+            outputs = self._staged.unbatch(answer.output, parts, items[0].call, answer.batched)
+        except Exception as exc:  # noqa: BLE001 - pipeq's bug fails these inputs, not the front
+            log.exception("outputs of %s could not be un-batched", self.name)
+            self._fail(items, ModelError(f"the output could not be read ({type(exc).__name__})"))
             return
-        if answer.error.type == "Expired" and self._hooks is not None:
-            self._hooks.on_expired(1)
-        item.future.set_exception(_error(answer.error))
+        for item, output in zip(items, outputs, strict=True):
+            if item.expires_at is not None and item.expires_at <= answer.started_at:
+                self._fail([item], Expired("deadline passed before its forward pass"))
+            else:
+                item.future.set_result(output)
+
+    def _fail(self, items: list[WorkItem], error: PipeqError) -> None:
+        if isinstance(error, Expired) and self._hooks is not None:
+            self._hooks.on_expired(len(items))
+        for item in items:
+            item.future.set_exception(error)
+
+    def _split(self, block: _Block) -> None:
+        if len(block.items) == 1:
+            self._fail(block.items, ModelError("the model could not run this input"))
+            return
+        half = len(block.items) // 2
+        sends = max(0, block.sends - 1)
+        with self._cond:
+            self._again += [_Block(block.items[:half], sends), _Block(block.items[half:], sends)]
+            sends_now = self._become_sender()
+        if sends_now:
+            self._send_queued()
 
     def _reconnect(self) -> None:
-        """Connect to the (restarted) forward process and send every unanswered part again."""
+        """Connect to the (restarted) forward process and send every unanswered block again."""
         log.warning("forward process for %s went away; reconnecting", self.name)
         deadline = time.monotonic() + RECONNECT_S
         while True:
@@ -182,15 +255,21 @@ class ForwardClient:
             self._conn = conn
             self._calls_sent.clear()
             again = []
-            for item_id, (item, sends) in list(self._in_flight.items()):
-                if sends >= MAX_SENDS:
-                    del self._in_flight[item_id]
-                    item.future.set_exception(
+            for block in self._in_flight.values():
+                if block.sends < MAX_SENDS:
+                    again.append(block)
+                elif len(block.items) > 1:
+                    half = len(block.items) // 2
+                    again += [
+                        _Block(block.items[:half], MAX_SENDS - 1),
+                        _Block(block.items[half:], MAX_SENDS - 1),
+                    ]
+                else:
+                    block.items[0].future.set_exception(
                         ModelError("the forward process died each time it ran this input")
                     )
-                else:
-                    again.append((item_id, item))
-            self._outgoing[:0] = again
+            self._in_flight.clear()
+            self._again[:0] = again
             self._cond.notify_all()
             sends = self._become_sender()
         if sends:

@@ -1,12 +1,16 @@
 """The forward process: the one process per GPU that holds its models and runs their batches.
 
 A worker's front processes (Celery consumers: intake, preparation, postprocess, completion)
-send prepared parts here over a local socket; each model's `Batcher` groups the parts of every
-front into batches and runs them back to back, so one CUDA context owns the GPU instead of one
-per front taking turns. Answers go back to the front that sent the part, with the size and
-time of each batch on its first item (that front's metrics count the batch once).
+send their prepared parts here over a local socket in blocks: one block is up to a batch of
+parts of one group, packed by the front (texts as one id array per key), so this process does
+no work per part. Each model's `Batcher` runs the blocks back to back, merging small blocks of
+one group (from one front or several) into one batch, so one CUDA context owns the GPU instead of
+one per front taking turns. Each block's rows of the batch's outputs go back to the front that
+sent it, which un-batches them per part; the size and time of each batch ride on its first
+block's answer (that front's metrics count the batch once). A block that fails alone, or is over
+the batch limit after an out-of-memory error, is answered "split" and comes back in halves.
 
-Fronts come and go (a front that dies is restarted by the supervisor; its parts still in a
+Fronts come and go (a front that dies is restarted by the supervisor; its blocks still in a
 batch are answered into a closed socket and dropped). The process exits when its parent dies
 (worker.launch sets the parent-death signal), never on a front's failure.
 """
@@ -21,6 +25,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from collections.abc import Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -33,9 +38,9 @@ import torch
 from config.errors import ErrorInfo, ModelError, PipeqError
 from config.registry import load_registry
 from config.settings import Settings
-from worker.batcher import Batcher, WorkItem
+from worker.batcher import Batcher, ForwardFn, SplitBlock, WorkItem
 from worker.forward_wire import receive, send
-from worker.pipelines import CallParams, StagedPipeline, load_staged
+from worker.pipelines import CallParams, StagedPipeline, batch_rows, load_staged
 
 log = logging.getLogger(__name__)
 
@@ -44,40 +49,42 @@ ANSWER_GROUP = 512
 
 
 @dataclass(frozen=True)
-class Entry:
-    """One part a front asks to forward."""
+class Block:
+    """Parts of one group a front asks to forward together (`StagedPipeline.pack`)."""
 
-    item_id: int
+    block_id: int
     call_key: str
     group: Hashable
-    length: int
-    lane_rank: int
-    expires_at: float | None
-    part: Any
+    length: int  # its longest part's
+    lane_rank: int  # its most urgent part's
+    expires_at: float | None  # its last part's deadline: expired rows are the front's to fail
+    rows: int
+    pack: Any
 
     def to_wire(self) -> list[Any]:
         return [
-            self.item_id,
+            self.block_id,
             self.call_key,
             self.group,
             self.length,
             self.lane_rank,
             self.expires_at,
-            self.part,
+            self.rows,
+            self.pack,
         ]
 
 
 @dataclass(frozen=True)
 class Submission:
     model: str
-    entries: list[Entry]
-    # Call params by key, sent once per connection: parts refer to them by key.
+    blocks: list[Block]
+    # Call params by key, sent once per connection: blocks refer to them by key.
     calls: dict[str, CallParams] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "model": self.model,
-            "entries": [entry.to_wire() for entry in self.entries],
+            "blocks": [block.to_wire() for block in self.blocks],
             "calls": {key: dataclasses.asdict(call) for key, call in self.calls.items()},
         }
 
@@ -85,7 +92,7 @@ class Submission:
     def from_wire(cls, wire: dict[str, Any]) -> Submission:
         return cls(
             wire["model"],
-            [Entry(*entry) for entry in wire["entries"]],
+            [Block(*block) for block in wire["blocks"]],
             {key: CallParams(**call) for key, call in wire["calls"].items()},
         )
 
@@ -101,23 +108,31 @@ class BatchReport:
 
 @dataclass(frozen=True)
 class Answer:
-    item_id: int
+    """One block's rows of a batch's outputs, or its error; `split`: send it again in halves."""
+
+    block_id: int
     output: Any = None
+    batched: bool = False  # `output` holds rows of a batch (of any size), not a lone part's
     error: ErrorInfo | None = None
+    split: bool = False
+    started_at: float = 0.0  # wall clock when its batch began: rows whose deadline was earlier
     batch: BatchReport | None = None
 
     def to_wire(self) -> list[Any]:
         error = None if self.error is None else self.error.model_dump()
         batch = None if self.batch is None else dataclasses.asdict(self.batch)
-        return [self.item_id, self.output, error, batch]
+        return [self.block_id, self.output, self.batched, error, self.split, self.started_at, batch]
 
     @classmethod
     def from_wire(cls, wire: list[Any]) -> Answer:
-        item_id, output, error, batch = wire
+        block_id, output, batched, error, split, started_at, batch = wire
         return cls(
-            item_id,
+            block_id,
             output,
+            batched,
             None if error is None else ErrorInfo.model_validate(error),
+            split,
+            started_at,
             None if batch is None else BatchReport(**batch),
         )
 
@@ -127,6 +142,7 @@ class _Reports:
 
     def __init__(self) -> None:
         self.pending: BatchReport | None = None
+        self.started_at = 0.0
         self._oom_splits = 0
 
     def on_batch(self, size: int, forward_s: float, waited_s: list[float]) -> None:
@@ -134,6 +150,7 @@ class _Reports:
         if torch.cuda.is_available():
             memory = (torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated())
         self.pending = BatchReport(size, forward_s, waited_s, self._oom_splits, memory)
+        self.started_at = time.time() - forward_s
         self._oom_splits = 0
 
     def on_oom(self, size: int) -> None:
@@ -219,38 +236,63 @@ class ForwardServer:
             model = self.models.get(submission.model)
             if model is None:
                 error = ModelError(f"the forward process does not hold {submission.model!r}")
-                for entry in submission.entries:
-                    front.outbox.put(Answer(entry.item_id, error=error.to_info()))
+                for block in submission.blocks:
+                    front.outbox.put(Answer(block.block_id, error=error.to_info()))
                 continue
             model.batcher.submit(
-                [_work_item(front, entry, model.reports) for entry in submission.entries]
+                [_work_item(front, block, model.reports) for block in submission.blocks]
             )
         front.outbox.put(None)
 
 
-def _work_item(front: _Front, entry: Entry, reports: _Reports) -> WorkItem:
+def _work_item(front: _Front, block: Block, reports: _Reports) -> WorkItem:
     item = WorkItem(
-        part=entry.part,
-        group=entry.group,
-        call=front.calls[entry.call_key],
-        length=entry.length,
-        lane_rank=entry.lane_rank,
-        expires_at=entry.expires_at,
+        part=block.pack,
+        group=block.group,
+        call=front.calls[block.call_key],
+        length=block.length,
+        lane_rank=block.lane_rank,
+        expires_at=block.expires_at,
+        rows=block.rows,
     )
-    item_id = entry.item_id
+    block_id = block.block_id
 
     def answer(future: Future[Any]) -> None:
         # On the batcher's thread, right after the forward: a queue put, nothing more. The
         # batch's first answer is resolved first, so it takes the batch's report.
         error = future.exception()
+        started_at = reports.started_at
         if error is None:
-            front.outbox.put(Answer(item_id, output=future.result(), batch=reports.take()))
+            output, batched = future.result()
+            answer = Answer(block_id, output, batched, started_at=started_at, batch=reports.take())
+            front.outbox.put(answer)
+        elif isinstance(error, SplitBlock):
+            front.outbox.put(Answer(block_id, split=True, batch=reports.take()))
         else:
             info = error.to_info() if isinstance(error, PipeqError) else _unexpected(error)
-            front.outbox.put(Answer(item_id, error=info, batch=reports.take()))
+            front.outbox.put(Answer(block_id, error=info, batch=reports.take()))
 
     item.future.add_done_callback(answer)
     return item
+
+
+def forward_blocks(staged: StagedPipeline) -> ForwardFn:
+    """The batcher's forward of a list of blocks' packs: one batch, its outputs cut per block,
+    each with whether it is rows of a batch (a lone part's output has no batch to un-batch)."""
+
+    def forward(packs: list[Any], call: CallParams) -> list[tuple[Any, bool]]:
+        rows = [staged.pack_rows(pack) for pack in packs]
+        output = staged.forward_batch(staged.collate(packs), call)
+        batched = sum(rows) > 1
+        if len(packs) == 1:
+            return [(output, batched)]
+        outputs, start = [], 0
+        for count in rows:
+            outputs.append((batch_rows(output, start, start + count), batched))
+            start += count
+        return outputs
+
+    return forward
 
 
 def _unexpected(error: BaseException) -> ErrorInfo:
@@ -274,7 +316,7 @@ def serve_forward(settings: Settings, models: list[str] | None, socket: str) -> 
         reports = _Reports()
         batcher = Batcher(
             spec.name,
-            staged.forward,
+            forward_blocks(staged),
             max_batch_size=spec.max_batch_size,
             max_wait_ms=spec.max_wait_ms,
             hooks=reports,

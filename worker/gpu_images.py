@@ -78,9 +78,13 @@ class GpuImagePipeline(StagedPipeline):
         except RuntimeError as exc:
             raise DecodeError(f"cannot decode {header.format} image: {exc}") from exc
 
-    def forward(self, parts: list[ModelInputs], call: CallParams) -> list[Any]:
+    def collate(self, packs: list[Any]) -> Any:
+        return [part for pack in packs for part in pack]
+
+    def forward_batch(self, batch: Any, call: CallParams) -> Any:
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        parts: list[ModelInputs] = batch
         device = self.pipe.device
         jpeg_at = [i for i, part in enumerate(parts) if "jpeg" in part]
         images: list[torch.Tensor | None] = [None] * len(parts)
@@ -99,7 +103,12 @@ class GpuImagePipeline(StagedPipeline):
         inputs = self.pipe.image_processor(images=images, return_tensors="pt", device=device)
         with torch.inference_mode():
             logits = self.pipe.model(pixel_values=inputs["pixel_values"].to(self.pipe.dtype)).logits
-        logits = logits.float().cpu()
+        return {"logits": logits.float().cpu()}
+
+    def unbatch(
+        self, output: Any, parts: list[ModelInputs], call: CallParams, batched: bool
+    ) -> list[Any]:
+        logits = output["logits"]
         return [{"logits": logits[i : i + 1]} for i in range(len(parts))]
 
 

@@ -181,27 +181,55 @@ class StagedPipeline:
             {key: array("q", encoded[key][index]) for key in keys} for index in range(len(texts))
         ]
 
-    def _pad_lists(self, parts: list[ModelInputs]) -> ModelInputs:
-        """What `pad_collate_fn` makes of these parts as tensors, built from their id arrays
-        (joined, then scattered once per key): the same values, padding and side."""
+    def pack(self, parts: list[ModelInputs]) -> Any:
+        """What a block of these parts carries to the forward process: window-tokenized texts as
+        one int64 array per key with their lengths (padded there in one copy per key), other
+        parts as they are."""
+        if not isinstance(parts[0].get("input_ids"), array):
+            return parts
+        joined = {}
+        for key in parts[0]:
+            ids = array("q")
+            for part in parts:
+                ids.extend(part[key])
+            joined[key] = ids
+        return {"lengths": array("q", [len(part["input_ids"]) for part in parts]), "ids": joined}
+
+    @staticmethod
+    def pack_rows(pack: Any) -> int:
+        return len(pack["lengths"]) if isinstance(pack, dict) else len(pack)
+
+    def collate(self, packs: list[Any]) -> Any:
+        """One model batch from the packs of several blocks: what `pad_collate_fn` makes of
+        their parts (a single part goes as it is, as pipeline() sends it)."""
+        if isinstance(packs[0], dict):
+            return self._pad_joined(packs)
+        parts = [part for pack in packs for part in pack]
+        return parts[0] if len(parts) == 1 else self._collate(parts)
+
+    def _pad_joined(self, packs: list[dict[str, Any]]) -> ModelInputs:
+        """What `pad_collate_fn` makes of these texts' one-text tensors, built from their joined
+        id arrays in one scatter per key: the same values, padding and side. A batch of several
+        is padded to a multiple of 8 columns (tensor cores' tile; pads are masked out)."""
         tokenizer = self.pipe.tokenizer
-        lengths = np.array([len(part["input_ids"]) for part in parts])
+        lengths = np.concatenate([np.frombuffer(pack["lengths"], dtype=np.int64) for pack in packs])
         longest = int(lengths.max())
+        if len(lengths) > 1:
+            longest = -(-longest // 8) * 8
         columns = np.arange(longest)
         if tokenizer.padding_side == "left":
             kept = columns >= (longest - lengths)[:, None]
         else:
             kept = columns < lengths[:, None]
         batch = {}
-        for key in parts[0]:
+        for key in packs[0]["ids"]:
             value = tokenizer.pad_token_id if key == "input_ids" else _LIST_PADDING.get(key, 0)
-            if value is None and longest * len(parts) != lengths.sum():
+            if value is None and longest * len(lengths) != lengths.sum():
                 raise ValueError("a tokenizer without a pad token cannot batch texts")
-            ids = array("q")
-            for part in parts:
-                ids.extend(part[key])
-            padded = np.full((len(parts), longest), value or 0, dtype=np.int64)
-            padded[kept] = np.frombuffer(ids, dtype=np.int64)
+            padded = np.full((len(lengths), longest), value or 0, dtype=np.int64)
+            padded[kept] = np.concatenate(
+                [np.frombuffer(pack["ids"][key], dtype=np.int64) for pack in packs]
+            )
             batch[key] = torch.from_numpy(padded)
         return batch
 
@@ -243,19 +271,30 @@ class StagedPipeline:
             if word.strip()
         ]
 
+    def forward_batch(self, batch: Any, call: CallParams) -> Any:
+        """The model's outputs for a collated batch, on the CPU (one forward pass)."""
+        return self.pipe.forward(batch, **call.forward)
+
+    def unbatch(
+        self, output: Any, parts: list[ModelInputs], call: CallParams, batched: bool
+    ) -> list[Any]:
+        """Each part's own output, as `pipeline(batch_size=n)` un-batches them; `batched`: the
+        output holds rows of a batch (else it is one part's, as `pipeline(input)` makes it)."""
+        if batched:
+            # PipelineIterator does not un-batch at a batch size of 1; at 2 it un-batches the
+            # rows there are (it takes the batch size from the outputs).
+            outputs = list(PipelineIterator([output], _same, {}, max(2, len(parts))))
+        else:
+            outputs = [output]
+        if self.spec.task in _PER_TOKEN_OUTPUT_TASKS:
+            for part, each in zip(parts, outputs, strict=True):
+                self._trim_padding(each, self.part_length(part))
+        return outputs
+
     def forward(self, parts: list[ModelInputs], call: CallParams) -> list[Any]:
         """One forward pass over `parts` (collated and padded as pipeline(batch_size=n) would)."""
-        listed = isinstance(parts[0].get("input_ids"), array)
-        if len(parts) == 1:
-            return [
-                self.pipe.forward(self._pad_lists(parts) if listed else parts[0], **call.forward)
-            ]
-        batch = self._pad_lists(parts) if listed else self._collate(parts)
-        outputs = list(PipelineIterator([batch], self.pipe.forward, call.forward, len(parts)))
-        if self.spec.task in _PER_TOKEN_OUTPUT_TASKS:
-            for part, output in zip(parts, outputs, strict=True):
-                self._trim_padding(output, self.part_length(part))
-        return outputs
+        output = self.forward_batch(self.collate([self.pack(parts)]), call)
+        return self.unbatch(output, parts, call, batched=len(parts) > 1)
 
     def _trim_padding(self, output: Any, length: int) -> None:
         left = self.pipe.tokenizer is not None and self.pipe.tokenizer.padding_side == "left"
@@ -340,3 +379,21 @@ def load_staged(spec: ModelSpec, settings: Settings) -> tuple[StagedPipeline, fl
     elapsed = time.perf_counter() - started
     log.info("loaded %s (%s) on %s in %.1f s", spec.name, spec.task, staged.pipe.device, elapsed)
     return staged, elapsed
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def batch_rows(output: Any, start: int, stop: int) -> Any:
+    """Rows `start:stop` of a batch's outputs, keeping its shape of batch (as
+    `PipelineIterator.loader_batch_item` reads one row, for a range of rows)."""
+    if isinstance(output, (torch.Tensor, np.ndarray, list)):
+        return output[start:stop]
+    if isinstance(output, tuple):
+        return tuple(batch_rows(value, start, stop) for value in output)
+    if isinstance(output, dict):
+        return type(output)(
+            {key: batch_rows(value, start, stop) for key, value in output.items() if key != "cache"}
+        )
+    return output

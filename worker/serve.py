@@ -60,7 +60,7 @@ def connect_models(
         LOAD_SECONDS.labels(spec.name).set(load_s)
         hooks = BatchMetrics(spec.name)
         batcher = ForwardClient(
-            spec.name,
+            staged,
             partial(Client, socket, family="AF_UNIX"),
             max_batch_size=spec.max_batch_size,
             hooks=hooks,
