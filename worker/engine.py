@@ -60,6 +60,7 @@ class Delivery:
     errbacks: list[Any] = field(default_factory=list)
     ack: Callable[..., Any] | None = None  # the consumer's ack promise (acks on its thread)
     reject: Callable[..., Any] | None = None
+    credit: int = 0  # prefetch credit it holds beyond its message's own (see `_hold_credit`)
 
 
 class JobEngine:
@@ -92,11 +93,25 @@ class JobEngine:
     def accept(self, delivery: Delivery) -> None:
         with self._lock:
             self._held += 1
+        self._hold_credit(delivery)
         if self._draining:
             self._settle(delivery, requeue=True)
             return
         self._event("task-received", delivery.task_id, **_received_fields(delivery.message))
         self._inbox.put(delivery)
+
+    def _hold_credit(self, delivery: Delivery) -> None:
+        """A job of n inputs takes n of the consumer's prefetch credit, not one, so a front holds
+        about `--concurrency` inputs whatever the jobs' sizes, and the fronts of a host share a
+        queue of large jobs instead of the first one taking a credit's worth of them. Runs on the
+        consumer's thread, the only one that lowers the credit (the event loop applies it)."""
+        qos = getattr(self.consumer, "qos", None)
+        inputs = delivery.body.get("inputs") if isinstance(delivery.body, dict) else None
+        if qos is None or not qos.value or not isinstance(inputs, list):
+            return
+        delivery.credit = max(0, min(len(inputs) - 1, qos.value - 1))
+        if delivery.credit:
+            qos.decrement_eventually(delivery.credit)
 
     def drain(self) -> None:
         """Stop taking jobs: those not yet claimed go back to the queue; those started finish,
@@ -261,6 +276,8 @@ class JobEngine:
         with self._lock:
             self._held -= 1
             self._lock.notify_all()
+        if delivery.credit:
+            self.consumer.qos.increment_eventually(delivery.credit)
         errors = getattr(self.consumer, "connection_errors", ())
         message = delivery.message
         if requeue:

@@ -49,18 +49,24 @@ class _Classification:
             return softmax(outputs)  # type: ignore[no-any-return]
         return outputs
 
-    def _ranked(self, values: list[float], top_k: int | None) -> list[dict[str, Any]]:
-        order = sorted(range(len(values)), key=values.__getitem__, reverse=True)
+    def _ranked(self, scores: np.ndarray, top_k: int | None) -> list[dict[str, Any]]:
+        # A stable sort of the negated scores: descending, ties in label order, as the library's
+        # stable `sort(reverse=True)` of the same values.
+        order = np.argsort(-scores, kind="stable")
         if top_k is not None:
             order = order[: min(top_k, len(self._labels))]
-        return [{"label": self._labels[i], "score": values[i]} for i in order]
+        values = scores[order].tolist()
+        return [
+            {"label": self._labels[i], "score": value}
+            for i, value in zip(order.tolist(), values, strict=True)
+        ]
 
 
 class ImageClassificationPostprocess(_Classification):
     def __call__(
         self, model_outputs: Any, function_to_apply: Any = None, top_k: int | None = 5
     ) -> list[dict[str, Any]]:
-        return self._ranked(self._scores(model_outputs, function_to_apply).tolist(), top_k)
+        return self._ranked(self._scores(model_outputs, function_to_apply), top_k)
 
 
 class TextClassificationPostprocess(_Classification):
@@ -71,7 +77,8 @@ class TextClassificationPostprocess(_Classification):
         top_k: int | None = 1,
         _legacy: bool = True,
     ) -> dict[str, Any] | list[dict[str, Any]]:
-        values = self._scores(model_outputs, function_to_apply).tolist()
+        scores = self._scores(model_outputs, function_to_apply)
+        values = scores.tolist()
         if top_k == 1 and _legacy:
             best = max(range(len(values)), key=values.__getitem__)
             return {"label": self._labels[best], "score": values[best]}
@@ -80,4 +87,4 @@ class TextClassificationPostprocess(_Classification):
                 {"label": label, "score": score}
                 for label, score in zip(self._labels, values, strict=True)
             ]
-        return self._ranked(values, top_k)
+        return self._ranked(scores, top_k)
