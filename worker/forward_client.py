@@ -1,7 +1,7 @@
 """A front's handle on the forward process: `submit` like a `Batcher`, answers as futures.
 
 Parts travel in blocks: what is queued when a thread sends is grouped (`WorkItem.group`), sorted
-by lane then length within each group, and cut into blocks of at most a batch, each packed in one
+by lane then length within each group, and cut into blocks of `BLOCK_ROWS`, each packed in one
 piece (`StagedPipeline.pack`); the forward process runs blocks, not parts, and sends each block's
 rows of the batch's outputs back, which this front un-batches per part (`StagedPipeline.unbatch`).
 So the per-part work stays in the fronts, which scale over the cores, and the one CUDA process
@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 
 MAX_SENDS = 3
 RECONNECT_S = 120.0
+# Rows of a block at most: a quarter of a usual batch, so that the forward process composes each
+# batch from blocks of similar lengths, from this front's window and other fronts' (less padding
+# than one front's window cut into whole batches).
+BLOCK_ROWS = 64
 
 
 @dataclass(eq=False)
@@ -134,8 +138,9 @@ class ForwardClient:
         blocks = []
         for group in groups.values():
             group.sort(key=lambda item: (item.lane_rank, item.length))
-            for start in range(0, len(group), self.max_batch_size):
-                blocks.append(_Block(group[start : start + self.max_batch_size]))
+            rows = min(BLOCK_ROWS, self.max_batch_size)
+            for start in range(0, len(group), rows):
+                blocks.append(_Block(group[start : start + rows]))
         return blocks
 
     def _send(self, conn: Connection, sent: list[tuple[int, _Block]]) -> None:
