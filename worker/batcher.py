@@ -1,8 +1,11 @@
 """The batcher: groups prepared items from many jobs into one forward pass per batch.
 
 Items arrive already fetched, decoded and preprocessed (by the job threads and the prefetch pool),
-so the one thread that owns the model does nothing but forward passes back to back. A batch is
-taken when its group holds `max_batch_size` items or its oldest item has waited `max_wait_ms`.
+so the threads that own the model do nothing but forward passes back to back. A batch is
+taken when its group holds `max_batch_size` rows or its oldest item has waited `max_wait_ms`. An
+item is one input's part, or in the forward process a front's block of many rows
+(worker/forward_server.py); a block that fails alone fails with `SplitBlock` for its sender to
+split.
 
 Which items form a batch: the anchor is the oldest interactive item (else the oldest bulk one);
 the batch is the anchor's group (same call params, same input keys) filled with interactive items
@@ -101,7 +104,9 @@ def take_batch(pending: list[WorkItem], limit: int) -> list[WorkItem]:
 
 
 class Batcher:
-    """Owns one model's forward passes on a thread of its own."""
+    """Owns one model's forward passes on threads of its own: with `threads=2`, one thread's CPU
+    half of a batch (collating, launching kernels, un-batching) runs while the GPU works on the
+    other's batch, which it waits for with the GIL released."""
 
     def __init__(
         self,
@@ -112,6 +117,7 @@ class Batcher:
         max_wait_ms: float,
         hooks: BatchHooks | None = None,
         oom_cooldown_s: float = 60.0,
+        threads: int = 1,
     ) -> None:
         self.name = name
         self._forward = forward
@@ -124,10 +130,14 @@ class Batcher:
         self._pending: list[WorkItem] = []
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._run, name=f"batcher-{name}-{n}", daemon=True)
+            for n in range(threads)
+        ]
 
     def start(self) -> Batcher:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def submit(self, items: list[WorkItem]) -> None:
@@ -138,11 +148,12 @@ class Batcher:
             self._cond.notify()
 
     def stop(self) -> None:
-        """Finish what is pending, then end the thread."""
+        """Finish what is pending, then end the threads."""
         with self._cond:
             self._stopping = True
-            self._cond.notify()
-        self._thread.join()
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
 
     @property
     def limit(self) -> int:

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 # Answers are sent in groups: one socket write per group, not per item.
 ANSWER_GROUP = 512
+# Batcher threads per model: the second prepares and launches batch k+1 while the GPU runs batch k.
+FORWARD_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -138,29 +140,42 @@ class Answer:
 
 
 class _Reports:
-    """The batchers' hooks: the report of the batch just run waits for its first answer."""
+    """The batchers' hooks: the report of the batch just run waits for its first answer, on the
+    batcher thread that ran it (a model may have two)."""
 
     def __init__(self) -> None:
-        self.pending: BatchReport | None = None
-        self.started_at = 0.0
-        self._oom_splits = 0
+        self._local = threading.local()
+        self._memory: tuple[int, int] | None = None
+        self._memory_at = 0.0
+
+    @property
+    def started_at(self) -> float:
+        return getattr(self._local, "started_at", 0.0)
 
     def on_batch(self, size: int, forward_s: float, waited_s: list[float]) -> None:
-        memory = None
-        if torch.cuda.is_available():
-            memory = (torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated())
-        self.pending = BatchReport(size, forward_s, waited_s, self._oom_splits, memory)
-        self.started_at = time.time() - forward_s
-        self._oom_splits = 0
+        local = self._local
+        report = BatchReport(size, forward_s, waited_s, getattr(local, "oom_splits", 0))
+        local.pending = dataclasses.replace(report, gpu_memory=self._gpu_memory())
+        local.started_at = time.time() - forward_s
+        local.oom_splits = 0
+
+    def _gpu_memory(self) -> tuple[int, int] | None:
+        # Read at most once a second: each read builds the allocator's whole statistics dict.
+        now = time.monotonic()
+        if torch.cuda.is_available() and now - self._memory_at >= 1.0:
+            self._memory = (torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated())
+            self._memory_at = now
+        return self._memory
 
     def on_oom(self, size: int) -> None:
-        self._oom_splits += 1
+        self._local.oom_splits = getattr(self._local, "oom_splits", 0) + 1
 
     def on_expired(self, count: int) -> None:
         """Counted by the fronts, which see each expired part's error."""
 
     def take(self) -> BatchReport | None:
-        report, self.pending = self.pending, None
+        report = getattr(self._local, "pending", None)
+        self._local.pending = None
         return report
 
 
@@ -320,6 +335,7 @@ def serve_forward(settings: Settings, models: list[str] | None, socket: str) -> 
             max_batch_size=spec.max_batch_size,
             max_wait_ms=spec.max_wait_ms,
             hooks=reports,
+            threads=FORWARD_THREADS,
         ).start()
         held[spec.name] = ForwardModel(staged, batcher, reports)
     # A forward process that was killed leaves its socket file behind; its successor takes it.

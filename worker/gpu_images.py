@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from transformers.pipelines.base import Pipeline
@@ -64,9 +65,9 @@ class GpuImagePipeline(StagedPipeline):
         from torchvision.io import ImageReadMode, decode_image
 
         header = _header(item)
-        encoded = torch.frombuffer(bytearray(item), dtype=torch.uint8)
         if header.format == "JPEG":
-            return [{"jpeg": encoded}]
+            return [{"jpeg": item}]
+        encoded = torch.frombuffer(bytearray(item), dtype=torch.uint8)
         try:
             return [
                 {
@@ -78,8 +79,30 @@ class GpuImagePipeline(StagedPipeline):
         except RuntimeError as exc:
             raise DecodeError(f"cannot decode {header.format} image: {exc}") from exc
 
+    def pack(self, parts: list[ModelInputs]) -> Any:
+        """A block of JPEGs as one byte array and each one's end (one buffer on the wire, not one
+        per image); decoded pixels as they are. A block holds one kind (`group_key`)."""
+        if "jpeg" not in parts[0]:
+            return parts
+        ends = np.cumsum([len(part["jpeg"]) for part in parts], dtype=np.int64)
+        joined = np.frombuffer(b"".join(part["jpeg"] for part in parts), dtype=np.uint8)
+        return {"jpegs": joined, "ends": ends}
+
+    @staticmethod
+    def pack_rows(pack: Any) -> int:
+        return len(pack["ends"]) if isinstance(pack, dict) else len(pack)
+
     def collate(self, packs: list[Any]) -> Any:
-        return [part for pack in packs for part in pack]
+        parts: list[ModelInputs] = []
+        for pack in packs:
+            if not isinstance(pack, dict):
+                parts += pack
+                continue
+            joined = torch.from_numpy(pack["jpegs"])
+            starts = [0, *pack["ends"][:-1].tolist()]
+            ends = pack["ends"].tolist()
+            parts += [{"jpeg": joined[start:end]} for start, end in zip(starts, ends, strict=True)]
+        return parts
 
     def forward_batch(self, batch: Any, call: CallParams) -> Any:
         from torchvision.io import ImageReadMode, decode_jpeg
