@@ -29,7 +29,7 @@ import time
 from collections.abc import Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, Listener
+from multiprocessing.connection import Connection, Listener, wait
 from types import FrameType
 from typing import Any
 
@@ -44,8 +44,9 @@ from worker.pipelines import CallParams, StagedPipeline, batch_rows, load_staged
 
 log = logging.getLogger(__name__)
 
-# Answers are sent in groups: one socket write per group, not per item.
+# Answers are sent in groups: one socket write per front per group, not per block.
 ANSWER_GROUP = 512
+READ_POLL_S = 0.1
 # Batcher threads per model: the second prepares and launches batch k+1 while the GPU runs batch k.
 FORWARD_THREADS = 2
 
@@ -179,35 +180,18 @@ class _Reports:
         return report
 
 
+@dataclass(eq=False)
 class _Front:
-    """One connected front: its parts' answers leave through one sender thread."""
+    """One connected front."""
 
-    def __init__(self, conn: Connection, name: str) -> None:
-        self.conn = conn
-        self.name = name
-        self.calls: dict[str, CallParams] = {}
-        self.outbox: queue.SimpleQueue[Answer | None] = queue.SimpleQueue()
-        self.closed = False
+    conn: Connection
+    name: str
+    outbox: queue.SimpleQueue[tuple[_Front, Answer]]  # the server's, for its one sender thread
+    calls: dict[str, CallParams] = field(default_factory=dict)
+    closed: bool = False
 
-    def send_answers(self) -> None:
-        while (first := self.outbox.get()) is not None:
-            answers = [first]
-            while len(answers) < ANSWER_GROUP:
-                try:
-                    more = self.outbox.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self.closed = True
-                    break
-                answers.append(more)
-            try:
-                send(self.conn, [answer.to_wire() for answer in answers])
-            except (OSError, EOFError):
-                log.warning("front %s went away; %d answers dropped", self.name, len(answers))
-                self.closed = True
-            if self.closed:
-                return
+    def answer(self, answer: Answer) -> None:
+        self.outbox.put((self, answer))
 
 
 @dataclass
@@ -220,11 +204,24 @@ class ForwardModel:
 
 
 class ForwardServer:
+    """Accepts fronts on the main thread; one thread reads every front's blocks, one sends
+    every answer (a thread per front, each taking the GIL for a few answers, had the batcher
+    threads waiting for the GIL behind two dozen others)."""
+
     def __init__(self, models: dict[str, ForwardModel]) -> None:
         self.models = models
+        self._fronts: dict[Connection, _Front] = {}
+        self._lock = threading.Lock()
+        self._outbox: queue.SimpleQueue[tuple[_Front, Answer]] = queue.SimpleQueue()
 
     def serve(self, listener: Listener, stop: threading.Event) -> None:
-        """Accept fronts until `stop` is set; each gets a reader and a sender thread."""
+        """Serve fronts until `stop` is set."""
+        threading.Thread(
+            target=self._read_loop, args=(stop,), name="blocks-in", daemon=True
+        ).start()
+        threading.Thread(
+            target=_send_loop, args=(self._outbox,), name="answers-out", daemon=True
+        ).start()
         count = 0
         while not stop.is_set():
             try:
@@ -234,30 +231,60 @@ class ForwardServer:
                     return
                 raise
             count += 1
-            front = _Front(conn, f"front-{count}")
-            out = threading.Thread(target=front.send_answers, name=f"{front.name}-out", daemon=True)
-            out.start()
-            threading.Thread(
-                target=self._read, args=(front,), name=f"{front.name}-in", daemon=True
-            ).start()
+            with self._lock:
+                self._fronts[conn] = _Front(conn, f"front-{count}", self._outbox)
 
-    def _read(self, front: _Front) -> None:
-        while True:
-            try:
-                submission = Submission.from_wire(receive(front.conn))
-            except (OSError, EOFError):
-                break
-            front.calls.update(submission.calls)
-            model = self.models.get(submission.model)
-            if model is None:
-                error = ModelError(f"the forward process does not hold {submission.model!r}")
-                for block in submission.blocks:
-                    front.outbox.put(Answer(block.block_id, error=error.to_info()))
+    def _read_loop(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            with self._lock:
+                conns = list(self._fronts)
+            if not conns:
+                stop.wait(READ_POLL_S)
                 continue
-            model.batcher.submit(
-                [_work_item(front, block, model.reports) for block in submission.blocks]
-            )
-        front.outbox.put(None)
+            # The timeout lets a front accepted meanwhile join the next wait.
+            for conn in wait(conns, timeout=READ_POLL_S):
+                front = self._fronts[conn]  # type: ignore[index]
+                try:
+                    submission = Submission.from_wire(receive(front.conn))
+                except (OSError, EOFError):
+                    with self._lock:
+                        del self._fronts[front.conn]
+                    front.closed = True
+                    continue
+                self._submit(front, submission)
+
+    def _submit(self, front: _Front, submission: Submission) -> None:
+        front.calls.update(submission.calls)
+        model = self.models.get(submission.model)
+        if model is None:
+            error = ModelError(f"the forward process does not hold {submission.model!r}")
+            for block in submission.blocks:
+                front.answer(Answer(block.block_id, error=error.to_info()))
+            return
+        model.batcher.submit(
+            [_work_item(front, block, model.reports) for block in submission.blocks]
+        )
+
+
+def _send_loop(outbox: queue.SimpleQueue[tuple[_Front, Answer]]) -> None:
+    while True:
+        waiting = [outbox.get()]
+        while len(waiting) < ANSWER_GROUP:
+            try:
+                waiting.append(outbox.get_nowait())
+            except queue.Empty:
+                break
+        by_front: dict[_Front, list[Answer]] = {}
+        for front, answer in waiting:
+            by_front.setdefault(front, []).append(answer)
+        for front, answers in by_front.items():
+            if front.closed:
+                continue
+            try:
+                send(front.conn, [answer.to_wire() for answer in answers])
+            except (OSError, EOFError):
+                log.warning("front %s went away; %d answers dropped", front.name, len(answers))
+                front.closed = True
 
 
 def _work_item(front: _Front, block: Block, reports: _Reports) -> WorkItem:
@@ -280,12 +307,12 @@ def _work_item(front: _Front, block: Block, reports: _Reports) -> WorkItem:
         if error is None:
             output, batched = future.result()
             answer = Answer(block_id, output, batched, started_at=started_at, batch=reports.take())
-            front.outbox.put(answer)
+            front.answer(answer)
         elif isinstance(error, SplitBlock):
-            front.outbox.put(Answer(block_id, split=True, batch=reports.take()))
+            front.answer(Answer(block_id, split=True, batch=reports.take()))
         else:
             info = error.to_info() if isinstance(error, PipeqError) else _unexpected(error)
-            front.outbox.put(Answer(block_id, error=info, batch=reports.take()))
+            front.answer(Answer(block_id, error=info, batch=reports.take()))
 
     item.future.add_done_callback(answer)
     return item
@@ -295,9 +322,21 @@ def forward_blocks(staged: StagedPipeline) -> ForwardFn:
     """The batcher's forward of a list of blocks' packs: one batch, its outputs cut per block,
     each with whether it is rows of a batch (a lone part's output has no batch to un-batch)."""
 
+    streams = threading.local()
+    on_gpu = staged.pipe.device.type == "cuda"
+
     def forward(packs: list[Any], call: CallParams) -> list[tuple[Any, bool]]:
         rows = [staged.pack_rows(pack) for pack in packs]
-        output = staged.forward_batch(staged.collate(packs), call)
+        batch = staged.collate(packs)
+        if on_gpu:
+            # A stream per batcher thread: one batch's decode and copies can run on the GPU
+            # beside the other's forward pass, instead of queueing behind it on one stream.
+            if not hasattr(streams, "stream"):
+                streams.stream = torch.cuda.Stream(staged.pipe.device)
+            with torch.cuda.stream(streams.stream):
+                output = staged.forward_batch(batch, call)
+        else:
+            output = staged.forward_batch(batch, call)
         batched = sum(rows) > 1
         if len(packs) == 1:
             return [(output, batched)]
