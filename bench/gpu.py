@@ -645,7 +645,18 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     records: list[Record] = []
     began = time.perf_counter()
-    meta: dict[str, Any] = {"versions": versions(), "device": device_name, "cpus": os.cpu_count()}
+    meta: dict[str, Any] = {
+        "versions": versions(),
+        "device": device_name,
+        "cpus": os.cpu_count(),
+        "settings": {
+            "procs_per_gpu": args.procs_per_gpu,
+            "front_concurrency": args.front_concurrency,
+            "repeat": args.repeat,
+            "texts": scale.texts,
+            "task_events": Settings().task_events,
+        },
+    }
 
     def record(
         name: str,

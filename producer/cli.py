@@ -142,6 +142,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return supervise(plans, _worker_argv(args), settings.metrics_port)
 
 
+def _procs(value: str) -> int | None:
+    if value == "auto":
+        return None
+    count = int(value)
+    if count < 1:
+        raise argparse.ArgumentTypeError("at least 1, or auto")
+    return count
+
+
 def _worker_argv(args: argparse.Namespace) -> list[str]:
     argv = ["--concurrency", str(args.concurrency)]
     return argv + (["--models", args.models] if args.models else [])
@@ -221,9 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=64, help="jobs in flight per worker")
     worker.add_argument(
         "--procs-per-gpu",
-        type=int,
-        default=1,
-        help="front processes per GPU (Celery consumers feeding its one forward process)",
+        type=_procs,
+        default=None,
+        metavar="N|auto",
+        help="front processes per GPU (Celery consumers feeding its one forward process); "
+        "default auto: the cores per GPU less two, one on the CPU",
     )
     worker.add_argument("--name", help="worker hostname template (default gpuN@%%h / cpu@%%h)")
     # The supervisor's own children: one forward process per GPU and its fronts.

@@ -39,6 +39,10 @@ def test_plans() -> None:
         WorkerPlan("cpu-0@%h", None),
         WorkerPlan("cpu-1@%h", None),
     ]
+    # auto: the cores per GPU less two; one front on the CPU.
+    assert len(plan_workers("auto", ["0", "1"], procs_per_gpu=None, cpus=32)) == 2 * 14
+    assert len(plan_workers("0", ["0"], procs_per_gpu=None, cpus=2)) == 1
+    assert plan_workers("cpu", [], procs_per_gpu=None, cpus=16) == [WorkerPlan("cpu@%h", None)]
     assert [p.hostname for p in plan_workers("0", ["0"], procs_per_gpu=2)] == [
         "gpu0-0@%h",
         "gpu0-1@%h",

@@ -50,16 +50,23 @@ def visible_gpus(env: dict[str, str]) -> list[str]:
 
 
 def plan_workers(
-    gpus: str, visible: list[str], name: str | None = None, procs_per_gpu: int = 1
+    gpus: str,
+    visible: list[str],
+    name: str | None = None,
+    procs_per_gpu: int | None = 1,
+    cpus: int | None = None,
 ) -> list[WorkerPlan]:
     """Which fronts `--gpus` asks for, given the GPUs this process can see.
 
     Several fronts per GPU let more cores take, prepare and store jobs for the one forward
-    process of that GPU when per-job Python work, not the forward pass, is the limit.
+    process of that GPU: per-job Python work, not the forward pass, is the limit of one front.
+    `procs_per_gpu=None` (`--procs-per-gpu auto`): one front on the CPU; on GPUs, the host's
+    cores shared between them, less two per GPU (its forward process, and Redis and the OS).
     """
     if gpus == "cpu" or (gpus == "auto" and not visible):
-        template = name or ("cpu@%h" if procs_per_gpu == 1 else "cpu-{proc}@%h")
-        return [WorkerPlan(template.format(proc=proc), None) for proc in range(procs_per_gpu)]
+        count = procs_per_gpu or 1
+        template = name or ("cpu@%h" if count == 1 else "cpu-{proc}@%h")
+        return [WorkerPlan(template.format(proc=proc), None) for proc in range(count)]
     wanted = visible if gpus == "auto" else [g.strip() for g in gpus.split(",") if g.strip()]
     unknown = [gpu for gpu in wanted if gpu not in visible]
     if unknown or not wanted:
@@ -67,6 +74,8 @@ def plan_workers(
             f"--gpus {gpus}: GPU(s) {', '.join(unknown) or '(none)'} not visible; "
             f"visible: {', '.join(visible) or 'none (use --gpus cpu)'}"
         )
+    if procs_per_gpu is None:
+        procs_per_gpu = max(1, (cpus or os.cpu_count() or 1) // len(wanted) - 2)
     template = name or ("gpu{gpu}@%h" if procs_per_gpu == 1 else "gpu{gpu}-{proc}@%h")
     return [
         WorkerPlan(template.format(gpu=gpu, proc=proc), gpu)
