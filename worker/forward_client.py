@@ -193,8 +193,13 @@ class ForwardClient:
                 self._resolve(answer)
 
     def _resolve(self, answer: Answer) -> None:
+        send_halves = False
         with self._cond:
             block = self._in_flight.pop(answer.block_id, None)
+            if block is not None and answer.split and len(block.items) > 1:
+                # Queued before the lock is let go, so `stop` never sees this block nowhere.
+                self._again += _halves(block, max(0, block.sends - 1))
+                send_halves = self._become_sender()
             if not self._in_flight:
                 self._cond.notify_all()
         if block is None:
@@ -204,7 +209,10 @@ class ForwardClient:
             for _ in range(answer.batch.oom_splits):
                 self._hooks.on_oom(answer.batch.size)
         if answer.split:
-            self._split(block)
+            if send_halves:
+                self._send_queued()
+            elif len(block.items) == 1:
+                self._fail(block.items, ModelError("the model could not run this input"))
         elif answer.error is not None:
             self._fail(block.items, _error(answer.error))
         else:
@@ -230,18 +238,6 @@ class ForwardClient:
         for item in items:
             item.future.set_exception(error)
 
-    def _split(self, block: _Block) -> None:
-        if len(block.items) == 1:
-            self._fail(block.items, ModelError("the model could not run this input"))
-            return
-        half = len(block.items) // 2
-        sends = max(0, block.sends - 1)
-        with self._cond:
-            self._again += [_Block(block.items[:half], sends), _Block(block.items[half:], sends)]
-            sends_now = self._become_sender()
-        if sends_now:
-            self._send_queued()
-
     def _reconnect(self) -> None:
         """Connect to the (restarted) forward process and send every unanswered block again."""
         log.warning("forward process for %s went away; reconnecting", self.name)
@@ -264,11 +260,7 @@ class ForwardClient:
                 if block.sends < MAX_SENDS:
                     again.append(block)
                 elif len(block.items) > 1:
-                    half = len(block.items) // 2
-                    again += [
-                        _Block(block.items[:half], MAX_SENDS - 1),
-                        _Block(block.items[half:], MAX_SENDS - 1),
-                    ]
+                    again += _halves(block, MAX_SENDS - 1)
                 else:
                     block.items[0].future.set_exception(
                         ModelError("the forward process died each time it ran this input")
@@ -279,6 +271,11 @@ class ForwardClient:
             sends = self._become_sender()
         if sends:
             self._send_queued()
+
+
+def _halves(block: _Block, sends: int) -> list[_Block]:
+    half = len(block.items) // 2
+    return [_Block(block.items[:half], sends), _Block(block.items[half:], sends)]
 
 
 def _error(info: ErrorInfo) -> PipeqError:

@@ -323,7 +323,8 @@ def forward_blocks(staged: StagedPipeline) -> ForwardFn:
     each with whether it is rows of a batch (a lone part's output has no batch to un-batch)."""
 
     streams = threading.local()
-    on_gpu = staged.pipe.device.type == "cuda"
+    # A model placed over several GPUs (device_map) keeps the default streams of each.
+    on_gpu = staged.pipe.device.type == "cuda" and not staged.spec.device_map
 
     def forward(packs: list[Any], call: CallParams) -> list[tuple[Any, bool]]:
         rows = [staged.pack_rows(pack) for pack in packs]
