@@ -388,7 +388,9 @@ def _same(value: Any) -> Any:
 def batch_rows(output: Any, start: int, stop: int) -> Any:
     """Rows `start:stop` of a batch's outputs, keeping its shape of batch (as
     `PipelineIterator.loader_batch_item` reads one row, for a range of rows)."""
-    if isinstance(output, (torch.Tensor, np.ndarray, list)):
+    if isinstance(output, (torch.Tensor, np.ndarray)):
+        return output[start:stop] if output.ndim else output
+    if isinstance(output, list):
         return output[start:stop]
     if isinstance(output, tuple):
         return tuple(batch_rows(value, start, stop) for value in output)
