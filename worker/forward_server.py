@@ -245,13 +245,18 @@ class ForwardServer:
             for conn in wait(conns, timeout=READ_POLL_S):
                 front = self._fronts[conn]  # type: ignore[index]
                 try:
-                    submission = Submission.from_wire(receive(front.conn))
+                    self._submit(front, Submission.from_wire(receive(front.conn)))
                 except (OSError, EOFError):
-                    with self._lock:
-                        del self._fronts[front.conn]
-                    front.closed = True
-                    continue
-                self._submit(front, submission)
+                    self._drop(front)
+                except Exception:  # noqa: BLE001 - pipeq's bug: that front reconnects, others go on
+                    log.exception("a message from %s could not be read; dropping it", front.name)
+                    front.conn.close()
+                    self._drop(front)
+
+    def _drop(self, front: _Front) -> None:
+        with self._lock:
+            self._fronts.pop(front.conn, None)
+        front.closed = True
 
     def _submit(self, front: _Front, submission: Submission) -> None:
         front.calls.update(submission.calls)
