@@ -80,17 +80,13 @@ class GpuImagePipeline(StagedPipeline):
             raise DecodeError(f"cannot decode {header.format} image: {exc}") from exc
 
     def pack(self, parts: list[ModelInputs]) -> Any:
-        """A block of JPEGs as one byte array and each one's end (one buffer on the wire, not one
-        per image); decoded pixels as they are. A block holds one kind (`group_key`)."""
+        """A block of JPEGs as one byte array and each one's length (one buffer on the wire, not
+        one per image); decoded pixels as they are. A block holds one kind (`group_key`)."""
         if "jpeg" not in parts[0]:
             return parts
-        ends = np.cumsum([len(part["jpeg"]) for part in parts], dtype=np.int64)
+        lengths = np.array([len(part["jpeg"]) for part in parts], dtype=np.int64)
         joined = np.frombuffer(b"".join(part["jpeg"] for part in parts), dtype=np.uint8)
-        return {"jpegs": joined, "ends": ends}
-
-    @staticmethod
-    def pack_rows(pack: Any) -> int:
-        return len(pack["ends"]) if isinstance(pack, dict) else len(pack)
+        return {"jpegs": joined, "lengths": lengths}
 
     def collate(self, packs: list[Any]) -> Any:
         parts: list[ModelInputs] = []
@@ -99,8 +95,8 @@ class GpuImagePipeline(StagedPipeline):
                 parts += pack
                 continue
             joined = torch.from_numpy(pack["jpegs"])
-            starts = [0, *pack["ends"][:-1].tolist()]
-            ends = pack["ends"].tolist()
+            ends = np.cumsum(pack["lengths"]).tolist()
+            starts = [0, *ends[:-1]]
             parts += [{"jpeg": joined[start:end]} for start, end in zip(starts, ends, strict=True)]
         return parts
 

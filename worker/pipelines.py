@@ -197,6 +197,8 @@ class StagedPipeline:
 
     @staticmethod
     def pack_rows(pack: Any) -> int:
+        """Parts in a pack: a packed one lists each part's length (`pack` here, and the GPU image
+        pipeline's)."""
         return len(pack["lengths"]) if isinstance(pack, dict) else len(pack)
 
     def collate(self, packs: list[Any]) -> Any:
