@@ -78,13 +78,13 @@ class TextClassificationPostprocess(_Classification):
         _legacy: bool = True,
     ) -> dict[str, Any] | list[dict[str, Any]]:
         scores = self._scores(model_outputs, function_to_apply)
+        if not _legacy:
+            return self._ranked(scores, top_k)
         values = scores.tolist()
-        if top_k == 1 and _legacy:
+        if top_k == 1:
             best = max(range(len(values)), key=values.__getitem__)
             return {"label": self._labels[best], "score": values[best]}
-        if _legacy:
-            return [
-                {"label": label, "score": score}
-                for label, score in zip(self._labels, values, strict=True)
-            ]
-        return self._ranked(scores, top_k)
+        return [
+            {"label": label, "score": score}
+            for label, score in zip(self._labels, values, strict=True)
+        ]

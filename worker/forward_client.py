@@ -131,7 +131,7 @@ class ForwardClient:
             self._send(conn, sent)
 
     def _cut(self, items: list[WorkItem]) -> list[_Block]:
-        """Items grouped, each group sorted by lane then length, cut into blocks of a batch."""
+        """Items grouped, each group sorted by lane then length, cut into blocks of `BLOCK_ROWS`."""
         groups: dict[object, list[WorkItem]] = {}
         for item in items:
             groups.setdefault(item.group, []).append(item)
