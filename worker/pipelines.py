@@ -110,6 +110,10 @@ def to_json(value: Any) -> Any:
 class StagedPipeline:
     """One preloaded pipeline exposed as the stages the batcher calls."""
 
+    # Inputs by path or inline bytes are prepared on the intake thread, not a prefetch thread:
+    # only where preparing one is reading it (the GPU image pipeline's JPEGs), not decoding it.
+    reads_inline = False
+
     def __init__(
         self,
         spec: ModelSpec,

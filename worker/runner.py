@@ -35,7 +35,7 @@ from config.errors import (
     PoisonJob,
 )
 from config.settings import Settings
-from producer.jobs import Input, JobDocument, JobMessage
+from producer.jobs import DataRef, Input, JobDocument, JobMessage, PathRef
 from producer.ledger import QueueLedger
 from producer.records import JobRecords
 from producer.stores import ResultStores
@@ -49,6 +49,7 @@ from worker.result_cache import MISS, ResultCache, cache_key
 log = logging.getLogger(__name__)
 
 Submit = Callable[[list[WorkItem]], None]
+_LOCAL_REFS = (PathRef, DataRef)
 
 
 @dataclass
@@ -362,6 +363,17 @@ class JobRunner:
                     # the window's (one message to the forward process, no hand-off to a pool).
                     future = Future()
                     _complete(future, partial(prepare, None, partial(window.hold, job.model)))
+                elif (
+                    isinstance(item, _LOCAL_REFS)
+                    and served.staged.reads_inline
+                    and served.permits.acquire(blocking=False)
+                ):
+                    # A local file or inline bytes, only read here (JPEGs are decoded on the GPU):
+                    # a pool thread per input cost more than the read, and parts submitted one at
+                    # a time reached the forward process in blocks of one.
+                    future = Future()
+                    hold = partial(window.hold, job.model)
+                    _complete(future, partial(prepare, served.permits, hold))
                 else:
                     if not served.permits.acquire(blocking=False):
                         window.send_held()  # held parts must not wait behind these permits
