@@ -232,7 +232,8 @@ def pipeline_best(
 
 
 def gpu_parity(path: Path, images: list[Path], scale: Scale) -> dict[str, float]:
-    """GPU decode + fast processor vs the library's CPU path on the same JPEGs: logits bound."""
+    """GPU decode + fast processor + ranking vs the library's CPU path on the same JPEGs: the
+    logits' bound, and the answers' top-1 labels and scores."""
     from config.registry import ModelSpec
     from worker.gpu_images import GpuImagePipeline
     from worker.pipelines import StagedPipeline, load_pipeline
@@ -253,15 +254,25 @@ def gpu_parity(path: Path, images: list[Path], scale: Scale) -> dict[str, float]
     )
     call_g, call_c = gpu.call_params({}), cpu.call_params({})
     sample = images[:64]
-    got = gpu.forward([gpu.preprocess(p.read_bytes(), call_g)[0] for p in sample], call_g)
-    want = cpu.forward(
-        [cpu.preprocess(Image.open(p).convert("RGB"), call_c)[0] for p in sample], call_c
-    )
-    g = torch.cat([o["logits"] for o in got]).float()
+    parts_g = [gpu.preprocess(p.read_bytes(), call_g)[0] for p in sample]
+    parts_c = [cpu.preprocess(Image.open(p).convert("RGB"), call_c)[0] for p in sample]
+    with torch.inference_mode():
+        g = gpu.logits(gpu.collate([gpu.pack(parts_g)])).float().cpu()
+    want = cpu.forward(parts_c, call_c)
     c = torch.cat([o["logits"].float() for o in want])
+    # The answers (top 5 ranked on the GPU vs the library's postprocess on the CPU's logits).
+    got = [gpu.postprocess([o], call_g) for o in gpu.forward(parts_g, call_g)]
+    expected = [cpu.postprocess([o], call_c) for o in want]
     return {
         "max_abs_logit_diff": float((g - c).abs().max()),
         "top1_agreement": float((g.argmax(-1) == c.argmax(-1)).float().mean()),
+        "top1_label_agreement": sum(
+            a[0]["label"] == b[0]["label"] for a, b in zip(got, expected, strict=True)
+        )
+        / len(got),
+        "max_abs_top1_score_diff": max(
+            abs(a[0]["score"] - b[0]["score"]) for a, b in zip(got, expected, strict=True)
+        ),
     }
 
 

@@ -68,6 +68,36 @@ class ImageClassificationPostprocess(_Classification):
     ) -> list[dict[str, Any]]:
         return self._ranked(self._scores(model_outputs, function_to_apply), top_k)
 
+    def rank_batch(
+        self, logits: torch.Tensor, function_to_apply: Any = None, top_k: int | None = 5
+    ) -> dict[str, np.ndarray]:
+        """`__call__`'s scores and order for a batch of logits, on the logits' device: each
+        row's top k scores and label indices (`from_ranked` makes them the answer). One sort of
+        the batch on a GPU, and k values per image to copy back, not every label's."""
+        function = ClassificationFunction(function_to_apply or self._default_function)
+        scores = logits.float()
+        if function == ClassificationFunction.SIGMOID:
+            scores = scores.sigmoid()
+        elif function == ClassificationFunction.SOFTMAX:
+            scores = scores.softmax(-1)
+        # Stable and descending: ties in label order, as `_ranked`.
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+        if top_k is not None:
+            order = order[:, : min(top_k, len(self._labels))]
+        return {
+            "scores": scores.gather(-1, order).cpu().numpy(),
+            "labels": order.cpu().numpy(),
+        }
+
+    def from_ranked(self, ranked: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        """One row of `rank_batch` as `__call__` answers."""
+        labels = ranked["labels"].reshape(-1).tolist()
+        scores = ranked["scores"].reshape(-1).tolist()
+        return [
+            {"label": self._labels[i], "score": score}
+            for i, score in zip(labels, scores, strict=True)
+        ]
+
 
 class TextClassificationPostprocess(_Classification):
     def __call__(
