@@ -123,3 +123,15 @@ def test_a_nested_file_under_the_root_is_read(root: Path, loader: MediaLoader) -
     assert loader.fetch(PathRef(path=f"{root}/x/./y//a.bin")) == INSIDE
     with pytest.raises(UnsafeReference, match="outside"):
         loader.fetch(PathRef(path=f"{root}/x/../x/y/a.bin"))
+
+
+def test_paths_are_matched_to_the_root_by_whole_components(root: Path, loader: MediaLoader) -> None:
+    """A sibling whose name starts with the root's is outside; so are relative paths."""
+    sibling = root.with_name(root.name + "-sibling")
+    sibling.mkdir()
+    (sibling / "a.bin").write_bytes(OUTSIDE)
+    (root / "a.bin").write_bytes(INSIDE)
+    for raw in (f"{sibling}/a.bin", "media/a.bin", f"{root.parent}/a.bin", f"/{root}/../x"):
+        with pytest.raises(UnsafeReference):
+            loader.fetch(PathRef(path=raw))
+    assert loader.fetch(PathRef(path=f"//{root}//a.bin")) == INSIDE

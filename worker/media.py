@@ -303,13 +303,17 @@ def open_beneath(raw: str, roots: list[Path]) -> int:
         raise UnsafeReference(
             "local paths are turned off; set PIPEQ_MEDIA_ROOTS to the directories jobs may read"
         )
-    candidate = Path(raw)
-    if not candidate.is_absolute():
+    if not raw.startswith("/"):
         raise UnsafeReference(f"{raw!r} is relative; give an absolute path under PIPEQ_MEDIA_ROOTS")
-    root = next((root for root in roots if candidate.is_relative_to(root)), None)
-    if root is None or ".." in candidate.parts:
+    # The components as pathlib splits them (no empty ones, no "."), by string operations: a
+    # Path per input and per root was an eighth of a front's time at one image per job.
+    parts = [part for part in raw.split("/") if part and part != "."]
+    root = next(
+        (root for root in roots if tuple(parts[: len(root.parts) - 1]) == root.parts[1:]), None
+    )
+    if root is None or ".." in parts:
         raise UnsafeReference(f"{raw} is outside PIPEQ_MEDIA_ROOTS ('..' is not followed)")
-    *folders, name = candidate.relative_to(root).parts or (".",)
+    *folders, name = parts[len(root.parts) - 1 :] or (".",)
     try:
         folder = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
