@@ -3,10 +3,11 @@
 Claims: kombu's consumer takes one message per BRPOP and then writes its unacked entry in a second
 round trip, so a worker spends two round trips per message on its consumer thread. Here, once a
 BRPOP answers, one server-side script (`CLAIM`) pops up to the channel's free prefetch credit from
-the same queues and, in the same call, writes each message's unacked entry exactly as kombu's
-`QoS.append` does (hash `unacked`: tag -> [payload, exchange, routing key]; sorted set
-`unacked_index`: tag -> claim time), so kombu's `restore_visible` and pipeq's lease renewal
-treat them like any other delivery (tests/test_redis_transport.py pins the format).
+the same queues (a job weighs its inputs, `INPUTS_HEADER`) and, in the same call, writes each
+message's unacked entry exactly as kombu's `QoS.append` does (hash `unacked`: tag -> [payload,
+exchange, routing key]; sorted set `unacked_index`: tag -> claim time), so kombu's
+`restore_visible` and pipeq's lease renewal treat them like any other delivery
+(tests/test_redis_transport.py pins the format).
 
 Acks: kombu removes each acked message from both indices in a round trip of its own; here acks
 are buffered and removed in one pipeline per `ACK_FLUSH_MS` or per `ACK_BATCH` tags, by one
@@ -40,37 +41,57 @@ log = logging.getLogger(__name__)
 CLAIM_LIMIT = 32
 ACK_BATCH = 256
 ACK_FLUSH_MS = 2.0
+# The header a producer sets to a job's input count: a claim weighs each message by it.
+INPUTS_HEADER = "pipeq_inputs"
 
 # KEYS[1] unacked hash, KEYS[2] unacked index, KEYS[3..] queue lists in claim order.
-# ARGV[1] most messages to take, ARGV[2] now. Returns {list key, payload, ...}.
-# A payload that is not kombu's JSON envelope is returned without an unacked entry (the consumer
-# rejects it), so one malformed message cannot abort a claim half-written.
-CLAIM = """
-local want = tonumber(ARGV[1])
+# ARGV[1] credit: inputs the consumer may still take (a message weighs its INPUTS_HEADER, else 1);
+# ARGV[2] now; ARGV[3] most messages to take. Returns {list key, payload, ...}.
+# A message heavier than the credit left stays where it was (pushed back to the tail it was popped
+# from), so a front whose credit is nearly spent does not take a 64-input job that others have
+# room for. A payload that is not kombu's JSON envelope is returned without an unacked entry (the
+# consumer rejects it), so one malformed message cannot abort a claim half-written.
+CLAIM = (
+    """
+local credit, most = tonumber(ARGV[1]), tonumber(ARGV[3])
 local out = {}
 for i = 3, #KEYS do
-  if want <= 0 then break end
-  local got = redis.call('RPOP', KEYS[i], want)
-  if got then
-    for _, raw in ipairs(got) do
-      local ok, msg = pcall(cjson.decode, raw)
-      local props = ok and type(msg) == 'table' and msg['properties']
-      if type(props) == 'table' and type(props['delivery_tag']) == 'string' then
-        local info = props['delivery_info']
-        if type(info) ~= 'table' then info = {} end
-        local tag = props['delivery_tag']
-        redis.call('HSET', KEYS[1], tag, '[' .. raw .. ',' .. cjson.encode(info['exchange'] or '')
-          .. ',' .. cjson.encode(info['routing_key'] or '') .. ']')
-        redis.call('ZADD', KEYS[2], ARGV[2], tag)
-      end
-      out[#out + 1] = KEYS[i]
-      out[#out + 1] = raw
+  while credit > 0 and most > 0 do
+    local raw = redis.call('RPOP', KEYS[i])
+    if not raw then break end
+    local ok, msg = pcall(cjson.decode, raw)
+    local weight = 1
+    local headers = ok and type(msg) == 'table' and msg['headers']
+    if type(headers) == 'table' and tonumber(headers['"""
+    + INPUTS_HEADER
+    + """']) then
+      weight = math.max(1, tonumber(headers['"""
+    + INPUTS_HEADER
+    + """']))
     end
-    want = want - #got
+    if weight > credit then
+      redis.call('RPUSH', KEYS[i], raw)
+      credit = 0
+      break
+    end
+    local props = ok and type(msg) == 'table' and msg['properties']
+    if type(props) == 'table' and type(props['delivery_tag']) == 'string' then
+      local info = props['delivery_info']
+      if type(info) ~= 'table' then info = {} end
+      local tag = props['delivery_tag']
+      redis.call('HSET', KEYS[1], tag, '[' .. raw .. ',' .. cjson.encode(info['exchange'] or '')
+        .. ',' .. cjson.encode(info['routing_key'] or '') .. ']')
+      redis.call('ZADD', KEYS[2], ARGV[2], tag)
+    end
+    out[#out + 1] = KEYS[i]
+    out[#out + 1] = raw
+    credit = credit - weight
+    most = most - 1
   end
 end
 return out
 """
+)
 
 
 class QoS(kombu_redis.QoS):
@@ -147,11 +168,12 @@ class Channel(kombu_redis.Channel):
         return delivered
 
     def _claim_more(self) -> None:
-        """After a BRPOP's one message, take what else is waiting, up to the free credit."""
+        """After a BRPOP's one message, take what else is waiting, up to the free credit (in
+        inputs: the worker lowers its prefetch by each held job's inputs beyond the first)."""
         credit = self.qos.can_consume_max_estimate()
-        want = CLAIM_LIMIT if credit is None else min(credit, CLAIM_LIMIT)
+        credit = CLAIM_LIMIT if credit is None else credit
         queues = self._queue_cycle.consume(len(self.active_queues))
-        if want <= 0 or not queues:
+        if credit <= 0 or not queues:
             return
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         with self.conn_or_acquire() as client:
@@ -159,7 +181,7 @@ class Channel(kombu_redis.Channel):
                 self._claim_script = client.register_script(CLAIM)
             found = self._claim_script(
                 keys=[self.unacked_key, self.unacked_index_key, *keys],
-                args=[want, time.time()],
+                args=[credit, time.time(), CLAIM_LIMIT],
                 client=client,
             )
         for key, raw in zip(found[::2], found[1::2], strict=True):

@@ -12,6 +12,7 @@ from celery.canvas import Signature
 from config.celery import RUN_TASK, make_celery, queue_name
 from config.errors import JobConflict, JobNotFound, PayloadTooLarge, UnknownModel
 from config.params import check_params
+from config.redis_transport import INPUTS_HEADER
 from config.registry import Registry, load_registry
 from config.settings import Settings
 from producer.jobs import Input, JobDocument, JobMessage, JobRequest, Lane, Webhook, scoped_id
@@ -224,6 +225,7 @@ class Client:
                     # What Flower shows instead of the arguments: never inline media bytes.
                     argsrepr=f"{message.model} x{len(message.inputs)} {message.lane}",
                     kwargsrepr="{}",
+                    headers={INPUTS_HEADER: len(message.inputs)},
                 )
 
     def get(self, job_id: str, presign: bool = False, owner: str | None = None) -> JobDocument:

@@ -17,7 +17,7 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from config.redis_transport import ACK_FLUSH_MS, Transport
+from config.redis_transport import ACK_FLUSH_MS, INPUTS_HEADER, Transport
 from tests.conftest import REDIS
 
 DB = 12
@@ -171,3 +171,35 @@ def test_a_malformed_message_is_dropped_and_the_rest_delivered(db: redis.Redis) 
     conn.release()
     assert sorted(m.payload["index"] for m in got) == [0, 0, 1, 1]
     assert db.llen("claims") == 0
+
+
+def test_a_claim_weighs_each_job_by_its_inputs(db: redis.Redis) -> None:
+    """Credit counts inputs: after the BRPOP's one job of 8, a credit of 19 takes two more
+    of 8, and the next stays queued, in order, for a front with room for it."""
+    with Connection(f"{REDIS}/{DB}") as conn:
+        producer = Producer(conn.channel())
+        for index in range(10):
+            producer.publish(
+                {"index": index},
+                exchange=QUEUE.exchange,
+                routing_key="claims",
+                declare=[QUEUE],
+                headers={INPUTS_HEADER: 8},
+            )
+    conn = Connection(f"{REDIS}/{DB}", transport=Transport)
+    got: list[Any] = []
+    consumer = Consumer(
+        conn.channel(), [QUEUE], callbacks=[lambda _, m: got.append(m)], prefetch_count=20
+    )
+    consumer.consume()
+    try:
+        conn.drain_events(timeout=5)  # one BRPOP and the claim after it
+        assert [m.payload["index"] for m in got] == [0, 1, 2]
+        assert db.llen("claims") == 7 and db.hlen("unacked") == 3
+        for message in got:
+            message.ack()
+    finally:
+        conn.release()
+    again, (conn, _) = _consume(prefetch=0, want=7, ack=True)
+    conn.release()
+    assert [m.payload["index"] for m in again] == [3, 4, 5, 6, 7, 8, 9]
