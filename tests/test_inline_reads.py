@@ -1,7 +1,7 @@
 """Inputs by path or inline bytes, for a model that only reads them (`reads_inline`: the GPU
 image pipeline's JPEGs), are read on the intake thread and reach the forward process with the
-rest of their window in one submission, each answering as `pipeline()` on it alone; a path that
-is missing fails alone."""
+rest of their window, a block of 64 at a time, each answering as `pipeline()` on it alone; a path
+that is missing fails alone."""
 
 from __future__ import annotations
 
@@ -64,20 +64,20 @@ def served(model_dir: Path, tmp_path: Path) -> Iterator[ServedModel]:
     client = _CountedClient(
         staged, partial(Client, socket, family="AF_UNIX"), max_batch_size=16
     ).start()
-    yield ServedModel(staged, client, threading.Semaphore(64))
+    yield ServedModel(staged, client, threading.Semaphore(128))  # room for the whole window
     client.stop()
     stop.set()
     listener.close()
     batcher.stop()
 
 
-def test_a_window_of_local_images_goes_in_one_submission(
+def test_a_window_of_local_images_goes_in_blocks(
     settings: Settings, media_dir: Path, served: ServedModel
 ) -> None:
     images = []
-    for shade in range(5):
+    for shade in range(70):
         image = media_dir / f"inline-{shade}.png"
-        Image.new("RGB", (40 + shade, 30), (shade * 50, 90, 200 - shade * 30)).save(image)
+        Image.new("RGB", (40 + shade % 7, 30), (shade * 3, 90, 250 - shade * 3)).save(image)
         images.append(image)
     inputs: list[Any] = [{"path": str(image)} for image in images]
     inputs.append({"data": base64.b64encode(images[0].read_bytes()).decode(), "mime": "image/png"})
@@ -109,8 +109,9 @@ def test_a_window_of_local_images_goes_in_one_submission(
     runner.start([run for run in runs if run is not None], on_ready)
     assert done.wait(60)
     runner.close()
-    # The six readable inputs crossed in one submission; the missing file never got that far.
-    assert served.batcher.submitted == [6]  # type: ignore[attr-defined]
+    # The 71 readable inputs crossed as a block of 64 once read, then the rest at the window's
+    # end; the missing file never got that far.
+    assert served.batcher.submitted == [64, 7]  # type: ignore[attr-defined]
     reference = served.staged.pipe
     by_id = {run.job.id: runner.finish(run) for run in ready}
     for message, item in zip(messages, inputs, strict=True):

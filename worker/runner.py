@@ -40,6 +40,7 @@ from producer.ledger import QueueLedger
 from producer.records import JobRecords
 from producer.stores import ResultStores
 from worker.batcher import LANE_RANK, PartSink, WorkItem
+from worker.forward_client import BLOCK_ROWS
 from worker.media import MediaLoader
 from worker.metrics import CACHE, EXPIRED, INPUTS, JOBS, QUEUE_WAIT, STAGE_SECONDS, BatchMetrics
 from worker.pipelines import CallParams, StagedPipeline
@@ -100,6 +101,14 @@ class _Window:
 
     def hold(self, model: str, items: list[WorkItem]) -> None:
         self._held.setdefault(model, []).extend(items)
+
+    def send_blocks(self, model: str) -> None:
+        """Send the model's held parts once they fill a block: the forward process starts on a
+        window's first images while the rest are read."""
+        items = self._held.get(model)
+        if items and len(items) >= BLOCK_ROWS:
+            self._models[model].batcher.submit(items)
+            self._held[model] = []
 
     def send_held(self) -> None:
         for model, items in self._held.items():
@@ -374,6 +383,7 @@ class JobRunner:
                     future = Future()
                     hold = partial(window.hold, job.model)
                     _complete(future, partial(prepare, served.permits, hold))
+                    window.send_blocks(job.model)
                 else:
                     if not served.permits.acquire(blocking=False):
                         window.send_held()  # held parts must not wait behind these permits
