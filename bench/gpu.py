@@ -257,7 +257,7 @@ def gpu_parity(path: Path, images: list[Path], scale: Scale) -> dict[str, float]
     parts_g = [gpu.preprocess(p.read_bytes(), call_g)[0] for p in sample]
     parts_c = [cpu.preprocess(Image.open(p).convert("RGB"), call_c)[0] for p in sample]
     with torch.inference_mode():
-        g = gpu.logits(gpu.collate([gpu.pack(parts_g)])).float().cpu()
+        g = gpu.logits(gpu.stage_batch(gpu.collate([gpu.pack(parts_g)]))).float().cpu()
     want = cpu.forward(parts_c, call_c)
     c = torch.cat([o["logits"].float() for o in want])
     # The answers (top 5 ranked on the GPU vs the library's postprocess on the CPU's logits).

@@ -69,10 +69,11 @@ def test_merged_blocks_answer_as_each_input_alone(
     # Blocks of 1, 2 and the rest, as two fronts might send them, run as one batch.
     cuts = [parts[:1], parts[1:3], parts[3:]]
     packs = [decode(encode(staged.pack(block))) for block in cuts]
-    answers = forward_blocks(staged)(packs, call)
+    stage, forward = forward_blocks(staged)
+    answers = forward(stage(packs, call), call)
     outputs = []
-    for block, (output, batched) in zip(cuts, answers, strict=True):
-        assert batched
+    for block, (output, batched, ready) in zip(cuts, answers, strict=True):
+        assert batched and ready is None  # nothing to wait for on the CPU
         outputs += staged.unbatch(decode(encode(output)), block, call, batched)
     for text, each in zip(inputs, per_input, strict=True):
         mine, outputs = outputs[: len(each)], outputs[len(each) :]
@@ -94,8 +95,9 @@ def forward_socket(model_dir: Path, tmp_path: Path) -> Iterator[tuple[str, Stage
     this process's threads."""
     staged = _staged(model_dir, "tiny-sentiment", "text-classification")
     reports = _Reports()
+    stage, forward = forward_blocks(staged)
     batcher = Batcher(
-        "tiny-sentiment", forward_blocks(staged), max_batch_size=8, max_wait_ms=20, hooks=reports
+        "tiny-sentiment", forward, stage=stage, max_batch_size=8, max_wait_ms=20, hooks=reports
     ).start()
     socket = str(tmp_path / "forward.sock")
     listener = Listener(socket, family="AF_UNIX")

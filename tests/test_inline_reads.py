@@ -53,8 +53,9 @@ def served(model_dir: Path, tmp_path: Path) -> Iterator[ServedModel]:
     spec = ModelSpec(name="tiny-vit", task="image-classification", model=path, max_batch_size=16)
     staged = _ReadsInline(spec, pipeline("image-classification", model=path, device="cpu"))
     reports = _Reports()
+    stage, forward = forward_blocks(staged)
     batcher = Batcher(
-        "tiny-vit", forward_blocks(staged), max_batch_size=16, max_wait_ms=20, hooks=reports
+        "tiny-vit", forward, stage=stage, max_batch_size=16, max_wait_ms=20, hooks=reports
     ).start()
     socket = str(tmp_path / "forward.sock")
     listener = Listener(socket, family="AF_UNIX")

@@ -1,7 +1,10 @@
 """The batcher: groups prepared items from many jobs into one forward pass per batch.
 
 Items arrive already fetched, decoded and preprocessed (by the job threads and the prefetch pool),
-so the threads that own the model do nothing but forward passes back to back. A batch is
+so the threads that own the model do nothing but batches back to back, in two stages: one thread
+takes a batch and stages it (`stage`: collating it, and for the GPU image pipeline decoding its
+JPEGs and resizing them on the GPU), the other runs the model on the batch staged before
+(`forward`), so batch k+1 is staged while batch k runs. A batch is
 taken when its group holds `max_batch_size` rows or its oldest item has waited `max_wait_ms`. An
 item is one input's part, or in the forward process a front's block of many rows
 (worker/forward_server.py); a block that fails alone fails with `SplitBlock` for its sender to
@@ -23,6 +26,7 @@ which fails alone.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -64,7 +68,8 @@ class BatchHooks(Protocol):
     def on_expired(self, count: int) -> None: ...
 
 
-ForwardFn = Callable[[list[Any], Any], list[Any]]
+ForwardFn = Callable[[Any, Any], list[Any]]
+StageFn = Callable[[list[Any], Any], Any]
 
 
 class PartSink(Protocol):
@@ -103,10 +108,13 @@ def take_batch(pending: list[WorkItem], limit: int) -> list[WorkItem]:
     return batch
 
 
+def _as_is(parts: list[Any], call: Any) -> Any:
+    return parts
+
+
 class Batcher:
-    """Owns one model's forward passes on threads of its own: with `threads=2`, one thread's CPU
-    half of a batch (collating, launching kernels, un-batching) runs while the GPU works on the
-    other's batch, which it waits for with the GIL released."""
+    """Owns one model's batches: `stage(parts, call)` of each batch on one thread, then
+    `forward(staged, call)` (one output per part) on another."""
 
     def __init__(
         self,
@@ -115,12 +123,13 @@ class Batcher:
         *,
         max_batch_size: int,
         max_wait_ms: float,
+        stage: StageFn = _as_is,
         hooks: BatchHooks | None = None,
         oom_cooldown_s: float = 60.0,
-        threads: int = 1,
     ) -> None:
         self.name = name
         self._forward = forward
+        self._stage = stage
         self.max_batch_size = max_batch_size
         self._max_wait_s = max_wait_ms / 1000
         self._hooks = hooks
@@ -130,9 +139,11 @@ class Batcher:
         self._pending: list[WorkItem] = []
         self._cond = threading.Condition()
         self._stopping = False
+        # One staged batch waits for the forward thread at most: staging runs one batch ahead.
+        self._staged: queue.Queue[tuple[list[WorkItem], float, Any] | None] = queue.Queue(1)
         self._threads = [
-            threading.Thread(target=self._run, name=f"batcher-{name}-{n}", daemon=True)
-            for n in range(threads)
+            threading.Thread(target=self._stage_loop, name=f"stage-{name}", daemon=True),
+            threading.Thread(target=self._forward_loop, name=f"forward-{name}", daemon=True),
         ]
 
     def start(self) -> Batcher:
@@ -182,13 +193,26 @@ class Batcher:
         limit = self.limit
         return sum(item.rows for item in self._pending if item.group == anchor.group) >= limit
 
-    def _run(self) -> None:
+    def _stage_loop(self) -> None:
         while (batch := self._next_batch()) is not None:
             batch = self._drop_expired(batch)
             if len(batch) == 1 and batch[0].rows > self.limit:
                 batch[0].future.set_exception(SplitBlock(f"over the batch limit {self.limit}"))
-            elif batch:
-                self.run_batch(batch)
+                continue
+            if not batch:
+                continue
+            started = time.monotonic()
+            try:
+                staged = self._stage([item.part for item in batch], batch[0].call)
+            except Exception as exc:  # noqa: BLE001 - every failure is routed to the items
+                self._on_failure(batch, exc)
+                continue
+            self._staged.put((batch, started, staged))
+        self._staged.put(None)
+
+    def _forward_loop(self) -> None:
+        while (next_batch := self._staged.get()) is not None:
+            self._run_staged(*next_batch)
 
     def _drop_expired(self, batch: list[WorkItem]) -> list[WorkItem]:
         now = time.time()
@@ -202,10 +226,19 @@ class Batcher:
         return live
 
     def run_batch(self, batch: list[WorkItem]) -> None:
-        """Forward `batch`, resolving every item's future with its output or its error."""
+        """Stage and forward `batch` on this thread, resolving every item's future with its
+        output or its error."""
         started = time.monotonic()
         try:
-            outputs = self._forward([item.part for item in batch], batch[0].call)
+            staged = self._stage([item.part for item in batch], batch[0].call)
+        except Exception as exc:  # noqa: BLE001 - every failure is routed to the items
+            self._on_failure(batch, exc)
+            return
+        self._run_staged(batch, started, staged)
+
+    def _run_staged(self, batch: list[WorkItem], started: float, staged: Any) -> None:
+        try:
+            outputs = self._forward(staged, batch[0].call)
         except Exception as exc:  # noqa: BLE001 - every failure is routed to the items below
             self._on_failure(batch, exc)
             return

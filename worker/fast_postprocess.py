@@ -70,7 +70,7 @@ class ImageClassificationPostprocess(_Classification):
 
     def rank_batch(
         self, logits: torch.Tensor, function_to_apply: Any = None, top_k: int | None = 5
-    ) -> dict[str, np.ndarray]:
+    ) -> dict[str, torch.Tensor]:
         """`__call__`'s scores and order for a batch of logits, on the logits' device: each
         row's top k scores and label indices (`from_ranked` makes them the answer). One sort of
         the batch on a GPU, and k values per image to copy back, not every label's."""
@@ -84,12 +84,9 @@ class ImageClassificationPostprocess(_Classification):
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
         if top_k is not None:
             order = order[:, : min(top_k, len(self._labels))]
-        return {
-            "scores": scores.gather(-1, order).cpu().numpy(),
-            "labels": order.cpu().numpy(),
-        }
+        return {"scores": scores.gather(-1, order), "labels": order}
 
-    def from_ranked(self, ranked: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    def from_ranked(self, ranked: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         """One row of `rank_batch` as `__call__` answers."""
         labels = ranked["labels"].reshape(-1).tolist()
         scores = ranked["scores"].reshape(-1).tolist()

@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ import torch
 from config.errors import ErrorInfo, ModelError, PipeqError
 from config.registry import load_registry
 from config.settings import Settings
-from worker.batcher import Batcher, ForwardFn, SplitBlock, WorkItem
+from worker.batcher import Batcher, ForwardFn, SplitBlock, StageFn, WorkItem
 from worker.forward_wire import receive, send
 from worker.pipelines import CallParams, StagedPipeline, batch_rows, load_staged
 
@@ -47,8 +48,11 @@ log = logging.getLogger(__name__)
 # Answers are sent in groups: one socket write per front per group, not per block.
 ANSWER_GROUP = 512
 READ_POLL_S = 0.1
-# Batcher threads per model: the second prepares and launches batch k+1 while the GPU runs batch k.
-FORWARD_THREADS = 2
+# Batches a model's forward thread launches ahead of the GPU: it never waits for batch k before
+# launching k+1, and waits for batch k before launching k+2. The sender thread waits for each
+# batch's outputs before sending them. (Two batcher threads, each staging, running and waiting
+# for its own batches, ran 6% slower than one: bench/NOTES.md, session 6.)
+BATCHES_AHEAD = 2
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,7 @@ class Answer:
     split: bool = False
     started_at: float = 0.0  # wall clock when its batch began: rows whose deadline was earlier
     batch: BatchReport | None = None
+    ready: Any = None  # the CUDA event after which `output` is filled in (not sent)
 
     def to_wire(self) -> list[Any]:
         error = None if self.error is None else self.error.model_dump()
@@ -285,6 +290,9 @@ def _send_loop(outbox: queue.SimpleQueue[tuple[_Front, Answer]]) -> None:
         for front, answers in by_front.items():
             if front.closed:
                 continue
+            for answer in answers:
+                if answer.ready is not None:
+                    answer.ready.synchronize()
             try:
                 send(front.conn, [answer.to_wire() for answer in answers])
             except (OSError, EOFError):
@@ -310,9 +318,11 @@ def _work_item(front: _Front, block: Block, reports: _Reports) -> WorkItem:
         error = future.exception()
         started_at = reports.started_at
         if error is None:
-            output, batched = future.result()
-            answer = Answer(block_id, output, batched, started_at=started_at, batch=reports.take())
-            front.answer(answer)
+            output, batched, ready = future.result()
+            report = reports.take()
+            front.answer(
+                Answer(block_id, output, batched, started_at=started_at, batch=report, ready=ready)
+            )
         elif isinstance(error, SplitBlock):
             front.answer(Answer(block_id, split=True, batch=reports.take()))
         else:
@@ -323,36 +333,67 @@ def _work_item(front: _Front, block: Block, reports: _Reports) -> WorkItem:
     return item
 
 
-def forward_blocks(staged: StagedPipeline) -> ForwardFn:
-    """The batcher's forward of a list of blocks' packs: one batch, its outputs cut per block,
-    each with whether it is rows of a batch (a lone part's output has no batch to un-batch)."""
+def forward_blocks(staged: StagedPipeline) -> tuple[StageFn, ForwardFn]:
+    """The batcher's two stages for a list of blocks' packs. `stage`: one batch, collated and
+    staged (on a side stream of the GPU: batch k+1's JPEG decode and resize run beside batch k's
+    forward pass). `forward`: its outputs cut per block, each with whether it is rows of a batch
+    (a lone part's output has no batch to un-batch) and the CUDA event after which it is filled
+    in (None on the CPU)."""
 
-    streams = threading.local()
     # A model placed over several GPUs (device_map) keeps the default streams of each.
     on_gpu = staged.pipe.device.type == "cuda" and not staged.spec.device_map
+    side = torch.cuda.Stream(staged.pipe.device) if on_gpu else None
+    launched: deque[torch.cuda.Event] = deque()
 
-    def forward(packs: list[Any], call: CallParams) -> list[tuple[Any, bool]]:
+    def stage(packs: list[Any], call: CallParams) -> tuple[list[int], Any, Any]:
         rows = [staged.pack_rows(pack) for pack in packs]
         batch = staged.collate(packs)
+        if side is None:
+            return rows, staged.stage_batch(batch), None
+        with torch.cuda.stream(side):
+            batch = staged.stage_batch(batch)
+            staged_at = torch.cuda.Event()
+            staged_at.record()
+        return rows, batch, staged_at
+
+    def forward(staged_batch: tuple[list[int], Any, Any], call: CallParams) -> list[Any]:
+        rows, batch, staged_at = staged_batch
+        ready = None
+        if staged_at is not None:
+            stream = torch.cuda.current_stream()
+            stream.wait_event(staged_at)
+            _used_on(batch, stream)
+        output = staged.forward_batch(batch, call)
         if on_gpu:
-            # A stream per batcher thread: one batch's decode and copies can run on the GPU
-            # beside the other's forward pass, instead of queueing behind it on one stream.
-            if not hasattr(streams, "stream"):
-                streams.stream = torch.cuda.Stream(staged.pipe.device)
-            with torch.cuda.stream(streams.stream):
-                output = staged.forward_batch(batch, call)
-        else:
-            output = staged.forward_batch(batch, call)
+            ready = torch.cuda.Event()
+            ready.record()
+            launched.append(ready)
+            if len(launched) > BATCHES_AHEAD:
+                launched.popleft().synchronize()
         batched = sum(rows) > 1
-        if len(packs) == 1:
-            return [(output, batched)]
+        if len(rows) == 1:
+            return [(output, batched, ready)]
         outputs, start = [], 0
         for count in rows:
-            outputs.append((batch_rows(output, start, start + count), batched))
+            outputs.append((batch_rows(output, start, start + count), batched, ready))
             start += count
         return outputs
 
-    return forward
+    return stage, forward
+
+
+def _used_on(value: Any, stream: torch.cuda.Stream) -> None:
+    """Tell the allocator that the staged batch's GPU tensors, made on the side stream, are read
+    on `stream`: their memory is not reused before this stream is done with them."""
+    if isinstance(value, torch.Tensor):
+        if value.is_cuda:
+            value.record_stream(stream)
+    elif isinstance(value, dict):
+        for each in value.values():
+            _used_on(each, stream)
+    elif isinstance(value, list | tuple):
+        for each in value:
+            _used_on(each, stream)
 
 
 def _unexpected(error: BaseException) -> ErrorInfo:
@@ -374,13 +415,14 @@ def serve_forward(settings: Settings, models: list[str] | None, socket: str) -> 
     for spec in specs:
         staged, load_s = load_staged(spec, settings)
         reports = _Reports()
+        stage, forward = forward_blocks(staged)
         batcher = Batcher(
             spec.name,
-            forward_blocks(staged),
+            forward,
+            stage=stage,
             max_batch_size=spec.max_batch_size,
             max_wait_ms=spec.max_wait_ms,
             hooks=reports,
-            threads=FORWARD_THREADS,
         ).start()
         held[spec.name] = ForwardModel(staged, batcher, reports)
     # A forward process that was killed leaves its socket file behind; its successor takes it.

@@ -103,13 +103,10 @@ class GpuImagePipeline(StagedPipeline):
             parts += [{"jpeg": joined[start:end]} for start, end in zip(starts, ends, strict=True)]
         return parts
 
-    def forward_batch(self, batch: Any, call: CallParams) -> Any:
-        with torch.inference_mode():
-            return self._postprocess.rank_batch(self.logits(batch), **call.postprocess)
-
-    def logits(self, batch: Any) -> torch.Tensor:
-        """The model's logits for a collated batch, on the GPU: JPEGs decoded there, other
-        images' pixels copied there, all through the (torchvision) image processor."""
+    def stage_batch(self, batch: Any) -> torch.Tensor:
+        """A collated batch as the model's pixel values, on the GPU: JPEGs decoded there (by its
+        JPEG engines), other images' pixels copied there, all through the (torchvision) image
+        processor."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         parts: list[ModelInputs] = batch
@@ -129,8 +126,18 @@ class GpuImagePipeline(StagedPipeline):
             if "pixels" in part:
                 images[i] = part["pixels"].to(device, non_blocking=True)
         inputs = self.pipe.image_processor(images=images, return_tensors="pt", device=device)
+        return inputs["pixel_values"].to(self.pipe.dtype)
+
+    def forward_batch(self, batch: Any, call: CallParams) -> Any:
+        """Each image's top k, copied to pinned host memory without waiting for the GPU (the
+        forward process waits on an event before it sends them)."""
         with torch.inference_mode():
-            return self.pipe.model(pixel_values=inputs["pixel_values"].to(self.pipe.dtype)).logits
+            ranked = self._postprocess.rank_batch(self.logits(batch), **call.postprocess)
+            return {key: value.to("cpu", non_blocking=True) for key, value in ranked.items()}
+
+    def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.pipe.model(pixel_values=pixel_values).logits
 
     def unbatch(
         self, output: Any, parts: list[ModelInputs], call: CallParams, batched: bool

@@ -277,8 +277,13 @@ class StagedPipeline:
             if word.strip()
         ]
 
+    def stage_batch(self, batch: Any) -> Any:
+        """A collated batch made ready for `forward_batch`, a batch ahead of it (the GPU image
+        pipeline decodes and resizes there); as it is here."""
+        return batch
+
     def forward_batch(self, batch: Any, call: CallParams) -> Any:
-        """The model's outputs for a collated batch, on the CPU (one forward pass)."""
+        """The model's outputs for a staged batch, on the CPU (one forward pass)."""
         return self.pipe.forward(batch, **call.forward)
 
     def unbatch(
@@ -299,7 +304,7 @@ class StagedPipeline:
 
     def forward(self, parts: list[ModelInputs], call: CallParams) -> list[Any]:
         """One forward pass over `parts` (collated and padded as pipeline(batch_size=n) would)."""
-        output = self.forward_batch(self.collate([self.pack(parts)]), call)
+        output = self.forward_batch(self.stage_batch(self.collate([self.pack(parts)])), call)
         return self.unbatch(output, parts, call, batched=len(parts) > 1)
 
     def _trim_padding(self, output: Any, length: int) -> None:
