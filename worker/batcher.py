@@ -5,7 +5,8 @@ so the threads that own the model do nothing but batches back to back, in two st
 takes a batch and stages it (`stage`: collating it, and for the GPU image pipeline decoding its
 JPEGs and resizing them on the GPU), the other runs the model on the batch staged before
 (`forward`), so batch k+1 is staged while batch k runs. A batch is
-taken when its group holds `max_batch_size` rows or its oldest item has waited `max_wait_ms`. An
+taken when its group holds `max_batch_size` rows, or when its oldest item has waited
+`max_wait_ms` and no staged batch is waiting for the forward thread. An
 item is one input's part, or in the forward process a front's block of many rows
 (worker/forward_server.py); a block that fails alone fails with `SplitBlock` for its sender to
 split.
@@ -184,9 +185,14 @@ class Batcher:
                 oldest = min(item.enqueued_at for item in self._pending)
                 ready_at = oldest + self._max_wait_s
                 now = time.monotonic()
-                if self._stopping or now >= ready_at or self._group_full():
+                if self._stopping or self._group_full():
                     return take_batch(self._pending, self.limit)
-                self._cond.wait(ready_at - now)
+                # A batch short of full waits `max_wait_ms`, and then while the forward thread
+                # still has a staged batch to run: taken sooner, it would be staged only to
+                # wait, and the GPU would run small batches back to back.
+                if now >= ready_at and self._staged.empty():
+                    return take_batch(self._pending, self.limit)
+                self._cond.wait(ready_at - now if now < ready_at else None)
 
     def _group_full(self) -> bool:
         anchor = min(self._pending, key=lambda item: (item.lane_rank, item.enqueued_at))
@@ -212,6 +218,8 @@ class Batcher:
 
     def _forward_loop(self) -> None:
         while (next_batch := self._staged.get()) is not None:
+            with self._cond:
+                self._cond.notify()  # the stage thread may take a batch short of full now
             self._run_staged(*next_batch)
 
     def _drop_expired(self, batch: list[WorkItem]) -> list[WorkItem]:

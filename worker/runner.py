@@ -599,7 +599,8 @@ def _feed(
     cut into 0.05 s chunks once made ~480 of them, 2.5 GB, before the first forward). The wait
     holds a prefetch thread, as making the chunks did before."""
     limit = served.batcher.max_batch_size
-    window = threading.Semaphore(2 * limit)
+    # Only a chunked input makes more than one part to hold back.
+    window = threading.Semaphore(2 * limit) if served.staged.chunked else None
     ready: list[WorkItem] = []
 
     def flush() -> None:
@@ -611,13 +612,14 @@ def _feed(
 
     waited_s = 0.0
     for part in parts:
-        if not window.acquire(blocking=False):
-            flush()  # the parts held here must reach the batcher before this waits on them
-            began = time.perf_counter()
-            window.acquire()
-            waited_s += time.perf_counter() - began
         work = make(part)
-        work.future.add_done_callback(lambda _: window.release())
+        if window is not None:
+            if not window.acquire(blocking=False):
+                flush()  # the parts held here must reach the batcher before this waits on them
+                began = time.perf_counter()
+                window.acquire()
+                waited_s += time.perf_counter() - began
+            work.future.add_done_callback(lambda _, window=window: window.release())
         ready.append(work)
         if len(ready) >= limit:
             flush()
