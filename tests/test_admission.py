@@ -194,7 +194,7 @@ def _two_workers_one_slow_job(client: Client, start_worker: Any) -> tuple[str, A
     workers = {
         name: start_worker("--models", SLOW, name=f"{name}@%h", env=LEASE) for name in ("a", "b")
     }
-    job = _slow_job(client, 600)
+    job = _slow_job(client, 1000)
     while (doc := client.get(job)).status == "queued":
         time.sleep(0.05)
     holder = (doc.worker or "").split("@")[0]

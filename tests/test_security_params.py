@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -239,7 +240,8 @@ def test_chunks_are_made_as_the_batcher_takes_them() -> None:
             yield i
 
     batcher = Batcher("m", forward, max_batch_size=4, max_wait_ms=0).start()
-    served = ServedModel(staged=None, batcher=batcher, permits=threading.Semaphore(1))  # type: ignore[arg-type]
+    chunked = SimpleNamespace(chunked=True)  # a long input, cut into parts as it is fed
+    served = ServedModel(staged=chunked, batcher=batcher, permits=threading.Semaphore(1))  # type: ignore[arg-type]
     fed: list[WorkItem] = []
     feeder = threading.Thread(
         target=_feed,
