@@ -282,8 +282,8 @@ def vit_bytes_to_labels(path: Path, images: list[Path]) -> dict[str, float]:
     queues: in series (each batch of 256 staged, run and waited for: what is reachable one
     stage after another), and through its batcher (batch k+1 staged while batch k runs)."""
     from config.registry import ModelSpec
-    from worker.batcher import Batcher, WorkItem
-    from worker.forward_server import forward_blocks
+    from worker.batcher import WorkItem
+    from worker.forward_server import BlockStages
     from worker.pipelines import load_staged
 
     spec = ModelSpec(
@@ -303,15 +303,15 @@ def vit_bytes_to_labels(path: Path, images: list[Path]) -> dict[str, float]:
         staged.pack([{"jpeg": files[(i + j) % len(files)]} for j in range(block)])
         for i in range(0, count, block)
     ]
-    stage, forward = forward_blocks(staged)
-    forward(stage(packs[:4], call), call)
+    blocks = BlockStages(staged)
+    blocks.forward(blocks.stage(packs[:4], call), call)
     torch.cuda.synchronize()
     began = time.perf_counter()
     for i in range(0, len(packs), 4):
-        outputs = forward(stage(packs[i : i + 4], call), call)
+        outputs = blocks.forward(blocks.stage(packs[i : i + 4], call), call)
         outputs[-1][2].synchronize()
     series = count / (time.perf_counter() - began)
-    batcher = Batcher("vit", forward, stage=stage, max_batch_size=256, max_wait_ms=2).start()
+    batcher = blocks.batcher(spec).start()
     rates = []
     for _ in range(2):
         items = [WorkItem(part=pack, group="g", call=call, rows=block) for pack in packs]

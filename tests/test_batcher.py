@@ -134,3 +134,26 @@ def test_interactive_item_overtakes_a_bulk_backlog() -> None:
     batches_until_urgent = next(i for i, b in enumerate(forward.batches) if 999 in b)
     # At most the batch already running when it arrived, then its own.
     assert batches_until_urgent <= 1
+
+
+def test_a_batch_short_of_full_waits_for_room_on_the_gpu() -> None:
+    """While the GPU has more than one batch to finish (`has_room` false), a batch short of full
+    grows instead of being taken; a full one is taken at once; with room, the rest goes."""
+    forward = RecordingForward()
+    room = threading.Event()
+    batcher = Batcher("m", forward, max_batch_size=4, max_wait_ms=0, has_room=room.is_set).start()
+    try:
+        first = _items([1, 2])
+        batcher.submit(first)
+        second = _items([3, 4, 5])
+        batcher.submit(second)  # five rows waiting: a full batch of four goes, room or not
+        for item in first + second[:2]:
+            assert item.future.result(timeout=10) == item.part * 2
+        assert forward.batches == [[1, 2, 3, 4]]
+        assert not second[2].future.done()
+        room.set()
+        assert second[2].future.result(timeout=10) == 10
+        assert forward.batches == [[1, 2, 3, 4], [5]]
+    finally:
+        room.set()
+        batcher.stop()

@@ -17,9 +17,9 @@ from transformers import pipeline
 
 from config.errors import ModelError
 from config.registry import ModelSpec
-from worker.batcher import Batcher, WorkItem, take_batch
+from worker.batcher import WorkItem, take_batch
 from worker.forward_client import ForwardClient
-from worker.forward_server import ForwardModel, ForwardServer, _Reports, forward_blocks
+from worker.forward_server import BlockStages, ForwardModel, ForwardServer, _Reports
 from worker.forward_wire import decode, encode
 from worker.pipelines import StagedPipeline
 from worker.runner import _work_item
@@ -69,8 +69,8 @@ def test_merged_blocks_answer_as_each_input_alone(
     # Blocks of 1, 2 and the rest, as two fronts might send them, run as one batch.
     cuts = [parts[:1], parts[1:3], parts[3:]]
     packs = [decode(encode(staged.pack(block))) for block in cuts]
-    stage, forward = forward_blocks(staged)
-    answers = forward(stage(packs, call), call)
+    blocks = BlockStages(staged)
+    answers = blocks.forward(blocks.stage(packs, call), call)
     outputs = []
     for block, (output, batched, ready) in zip(cuts, answers, strict=True):
         assert batched and ready is None  # nothing to wait for on the CPU
@@ -95,10 +95,7 @@ def forward_socket(model_dir: Path, tmp_path: Path) -> Iterator[tuple[str, Stage
     this process's threads."""
     staged = _staged(model_dir, "tiny-sentiment", "text-classification")
     reports = _Reports()
-    stage, forward = forward_blocks(staged)
-    batcher = Batcher(
-        "tiny-sentiment", forward, stage=stage, max_batch_size=8, max_wait_ms=20, hooks=reports
-    ).start()
+    batcher = BlockStages(staged).batcher(staged.spec, reports).start()
     socket = str(tmp_path / "forward.sock")
     listener = Listener(socket, family="AF_UNIX")
     stop = threading.Event()

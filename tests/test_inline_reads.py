@@ -22,9 +22,9 @@ from transformers import pipeline
 from config.registry import ModelSpec
 from config.settings import Settings
 from producer.records import open_records
-from worker.batcher import Batcher, WorkItem
+from worker.batcher import WorkItem
 from worker.forward_client import ForwardClient
-from worker.forward_server import ForwardModel, ForwardServer, _Reports, forward_blocks
+from worker.forward_server import BlockStages, ForwardModel, ForwardServer, _Reports
 from worker.media import MediaLoader
 from worker.pipelines import StagedPipeline
 from worker.runner import JobRun, JobRunner, ServedModel
@@ -53,10 +53,7 @@ def served(model_dir: Path, tmp_path: Path) -> Iterator[ServedModel]:
     spec = ModelSpec(name="tiny-vit", task="image-classification", model=path, max_batch_size=16)
     staged = _ReadsInline(spec, pipeline("image-classification", model=path, device="cpu"))
     reports = _Reports()
-    stage, forward = forward_blocks(staged)
-    batcher = Batcher(
-        "tiny-vit", forward, stage=stage, max_batch_size=16, max_wait_ms=20, hooks=reports
-    ).start()
+    batcher = BlockStages(staged).batcher(spec, reports).start()
     socket = str(tmp_path / "forward.sock")
     listener = Listener(socket, family="AF_UNIX")
     stop = threading.Event()

@@ -6,7 +6,7 @@ takes a batch and stages it (`stage`: collating it, and for the GPU image pipeli
 JPEGs and resizing them on the GPU), the other runs the model on the batch staged before
 (`forward`), so batch k+1 is staged while batch k runs. A batch is
 taken when its group holds `max_batch_size` rows, or when its oldest item has waited
-`max_wait_ms` and no staged batch is waiting for the forward thread. An
+`max_wait_ms`, no staged batch waits for the forward thread and the GPU has room (`has_room`). An
 item is one input's part, or in the forward process a front's block of many rows
 (worker/forward_server.py); a block that fails alone fails with `SplitBlock` for its sender to
 split.
@@ -42,6 +42,8 @@ from config.errors import Expired, ModelError
 log = logging.getLogger(__name__)
 
 LANE_RANK = {"interactive": 0, "bulk": 1}
+# How often a batch short of full asks whether the GPU has room for it.
+ROOM_POLL_S = 0.001
 
 
 @dataclass(eq=False)
@@ -125,12 +127,14 @@ class Batcher:
         max_batch_size: int,
         max_wait_ms: float,
         stage: StageFn = _as_is,
+        has_room: Callable[[], bool] = lambda: True,
         hooks: BatchHooks | None = None,
         oom_cooldown_s: float = 60.0,
     ) -> None:
         self.name = name
         self._forward = forward
         self._stage = stage
+        self._has_room = has_room
         self.max_batch_size = max_batch_size
         self._max_wait_s = max_wait_ms / 1000
         self._hooks = hooks
@@ -188,11 +192,17 @@ class Batcher:
                 if self._stopping or self._group_full():
                     return take_batch(self._pending, self.limit)
                 # A batch short of full waits `max_wait_ms`, and then while the forward thread
-                # still has a staged batch to run: taken sooner, it would be staged only to
-                # wait, and the GPU would run small batches back to back.
-                if now >= ready_at and self._staged.empty():
+                # still has a staged batch to run or the GPU more than one to finish: taken
+                # sooner, it would only wait, and the GPU would run small batches back to back
+                # (under a steady load below the peak, the queue grew on batches of a few rows).
+                if now < ready_at:
+                    self._cond.wait(ready_at - now)
+                elif not self._staged.empty():
+                    self._cond.wait()  # the forward thread notifies when it takes it
+                elif self._has_room():
                     return take_batch(self._pending, self.limit)
-                self._cond.wait(ready_at - now if now < ready_at else None)
+                else:
+                    self._cond.wait(ROOM_POLL_S)
 
     def _group_full(self) -> bool:
         anchor = min(self._pending, key=lambda item: (item.lane_rank, item.enqueued_at))

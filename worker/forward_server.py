@@ -37,9 +37,9 @@ from typing import Any
 import torch
 
 from config.errors import ErrorInfo, ModelError, PipeqError
-from config.registry import load_registry
+from config.registry import ModelSpec, load_registry
 from config.settings import Settings
-from worker.batcher import Batcher, ForwardFn, SplitBlock, StageFn, WorkItem
+from worker.batcher import Batcher, BatchHooks, SplitBlock, WorkItem
 from worker.forward_wire import receive, send
 from worker.pipelines import CallParams, StagedPipeline, batch_rows, load_staged
 
@@ -333,43 +333,46 @@ def _work_item(front: _Front, block: Block, reports: _Reports) -> WorkItem:
     return item
 
 
-def forward_blocks(staged: StagedPipeline) -> tuple[StageFn, ForwardFn]:
-    """The batcher's two stages for a list of blocks' packs. `stage`: one batch, collated and
-    staged (on a side stream of the GPU: batch k+1's JPEG decode and resize run beside batch k's
-    forward pass). `forward`: its outputs cut per block, each with whether it is rows of a batch
-    (a lone part's output has no batch to un-batch) and the CUDA event after which it is filled
-    in (None on the CPU)."""
+class BlockStages:
+    """The batcher's stages for a list of blocks' packs. `stage`: one batch, collated and staged
+    (on a side stream of the GPU: batch k+1's JPEG decode and resize run beside batch k's forward
+    pass). `forward`: its outputs cut per block, each with whether it is rows of a batch (a lone
+    part's output has no batch to un-batch) and the CUDA event after which it is filled in (None
+    on the CPU). `has_room`: whether the GPU runs at most one batch, so that a batch short of full
+    is worth staging now (else it waits and grows while the GPU is busy)."""
 
-    # A model placed over several GPUs (device_map) keeps the default streams of each.
-    on_gpu = staged.pipe.device.type == "cuda" and not staged.spec.device_map
-    side = torch.cuda.Stream(staged.pipe.device) if on_gpu else None
-    launched: deque[torch.cuda.Event] = deque()
+    def __init__(self, staged: StagedPipeline) -> None:
+        self._staged = staged
+        # A model placed over several GPUs (device_map) keeps the default streams of each.
+        self._on_gpu = staged.pipe.device.type == "cuda" and not staged.spec.device_map
+        self._side = torch.cuda.Stream(staged.pipe.device) if self._on_gpu else None
+        self._launched: deque[torch.cuda.Event] = deque()
 
-    def stage(packs: list[Any], call: CallParams) -> tuple[list[int], Any, Any]:
-        rows = [staged.pack_rows(pack) for pack in packs]
-        batch = staged.collate(packs)
-        if side is None:
-            return rows, staged.stage_batch(batch), None
-        with torch.cuda.stream(side):
-            batch = staged.stage_batch(batch)
+    def stage(self, packs: list[Any], call: CallParams) -> tuple[list[int], Any, Any]:
+        rows = [self._staged.pack_rows(pack) for pack in packs]
+        batch = self._staged.collate(packs)
+        if self._side is None:
+            return rows, self._staged.stage_batch(batch), None
+        with torch.cuda.stream(self._side):
+            batch = self._staged.stage_batch(batch)
             staged_at = torch.cuda.Event()
             staged_at.record()
         return rows, batch, staged_at
 
-    def forward(staged_batch: tuple[list[int], Any, Any], call: CallParams) -> list[Any]:
+    def forward(self, staged_batch: tuple[list[int], Any, Any], call: CallParams) -> list[Any]:
         rows, batch, staged_at = staged_batch
         ready = None
         if staged_at is not None:
             stream = torch.cuda.current_stream()
             stream.wait_event(staged_at)
             _used_on(batch, stream)
-        output = staged.forward_batch(batch, call)
-        if on_gpu:
+        output = self._staged.forward_batch(batch, call)
+        if self._on_gpu:
             ready = torch.cuda.Event()
             ready.record()
-            launched.append(ready)
-            if len(launched) > BATCHES_AHEAD:
-                launched.popleft().synchronize()
+            self._launched.append(ready)
+            if len(self._launched) > BATCHES_AHEAD:
+                self._launched.popleft().synchronize()
         batched = sum(rows) > 1
         if len(rows) == 1:
             return [(output, batched, ready)]
@@ -379,7 +382,20 @@ def forward_blocks(staged: StagedPipeline) -> tuple[StageFn, ForwardFn]:
             start += count
         return outputs
 
-    return stage, forward
+    def has_room(self) -> bool:
+        return sum(not event.query() for event in list(self._launched)) <= 1
+
+    def batcher(self, spec: ModelSpec, hooks: BatchHooks | None = None) -> Batcher:
+        """The model's batcher over these stages."""
+        return Batcher(
+            spec.name,
+            self.forward,
+            stage=self.stage,
+            has_room=self.has_room,
+            max_batch_size=spec.max_batch_size,
+            max_wait_ms=spec.max_wait_ms,
+            hooks=hooks,
+        )
 
 
 def _used_on(value: Any, stream: torch.cuda.Stream) -> None:
@@ -415,15 +431,7 @@ def serve_forward(settings: Settings, models: list[str] | None, socket: str) -> 
     for spec in specs:
         staged, load_s = load_staged(spec, settings)
         reports = _Reports()
-        stage, forward = forward_blocks(staged)
-        batcher = Batcher(
-            spec.name,
-            forward,
-            stage=stage,
-            max_batch_size=spec.max_batch_size,
-            max_wait_ms=spec.max_wait_ms,
-            hooks=reports,
-        ).start()
+        batcher = BlockStages(staged).batcher(spec, reports).start()
         held[spec.name] = ForwardModel(staged, batcher, reports)
     # A forward process that was killed leaves its socket file behind; its successor takes it.
     with contextlib.suppress(FileNotFoundError):
