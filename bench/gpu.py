@@ -560,22 +560,26 @@ def run_baselines(
     record: Any,
     meta: dict[str, Any],
     naive: bool,
+    models: set[str],
 ) -> None:
-    """Ceilings, in-process pipeline(), GPU-preprocessing parity and the naive Celery task."""
+    """Ceilings, in-process pipeline(), GPU-preprocessing parity and the naive Celery task, for
+    `models` (vit, bert): each run holds the baselines of the rows it measures."""
     vit, bert, work = paths["vit"], paths["bert"], paths["work"]
-    rate, batch = vit_ceiling(vit, scale)
-    record("vit raw forward, GPU tensors (ceiling)", rate, batch)
-    rate, batch = pipeline_best(
-        "image-classification", vit, [str(p) for p in images[:512]], scale, (64, 128)
-    )
-    record("vit in-process pipeline(paths)", rate, batch)
-    rate, batch = bert_ceiling(bert, texts[:4096], scale)
-    record("bert raw forward, length-sorted batches (ceiling)", rate, batch)
-    rate, batch = pipeline_best(
-        "text-classification", bert, texts[:4096], scale, (64, 256), truncation=True
-    )
-    record("bert in-process pipeline(texts)", rate, batch)
-    if scale.device == "cuda":
+    if "vit" in models:
+        rate, batch = vit_ceiling(vit, scale)
+        record("vit raw forward, GPU tensors (ceiling)", rate, batch)
+        rate, batch = pipeline_best(
+            "image-classification", vit, [str(p) for p in images[:512]], scale, (64, 128)
+        )
+        record("vit in-process pipeline(paths)", rate, batch)
+    if "bert" in models:
+        rate, batch = bert_ceiling(bert, texts[:4096], scale)
+        record("bert raw forward, length-sorted batches (ceiling)", rate, batch)
+        rate, batch = pipeline_best(
+            "text-classification", bert, texts[:4096], scale, (64, 256), truncation=True
+        )
+        record("bert in-process pipeline(texts)", rate, batch)
+    if scale.device == "cuda" and "vit" in models:
         meta["gpu_preprocess_parity"] = gpu_parity(vit, images, scale)
         print("parity", meta["gpu_preprocess_parity"], flush=True)
         reachable = vit_bytes_to_labels(vit, images)
@@ -725,7 +729,8 @@ def main() -> None:
     parser.add_argument(
         "--rows",
         default="vit64,vit1,bert1",
-        help="the N-process rows to run (vit64, vit1, bert1); vit1 brings the latency rows",
+        help="the N-process rows to run (vit64, vit1, bert1), with their models' baselines; vit1 "
+        "brings the latency rows",
     )
     parser.add_argument(
         "--procs-only",
@@ -734,6 +739,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     scale = SMOKE if args.smoke else FULL
+    rows = set(args.rows.split(","))
     if args.texts:
         scale = dataclasses.replace(scale, texts=args.texts)
     out = OUT_DIR / "gpu.json"
@@ -792,6 +798,7 @@ def main() -> None:
             record,
             meta,
             naive=not args.procs_only,
+            models={row.rstrip("0123456789") for row in rows},
         )
 
     (work / "models.yaml").write_text(registry_yaml(vit, bert, scale))
@@ -841,7 +848,7 @@ def main() -> None:
                     ("vit1", "vit", refs * args.image_repeat, 1, "1 image"),
                     ("bert1", "bert", texts * args.text_repeat, 1, "1 text"),
                 )
-                if row in args.rows
+                if row in rows
             ]
             peaks = {}
             for model, items, per_job, label in runs:
