@@ -225,7 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     worker = commands.add_parser("worker", help="run GPU-pinned workers")
-    worker.add_argument("--gpus", default="auto", help="auto, cpu, or indices like 0,1")
+    worker.add_argument(
+        "--gpus",
+        default="auto",
+        help="auto, cpu, or indices like 0,1 (an engine each); 0+1: one engine over both, for "
+        "a model with device_map: auto",
+    )
     worker.add_argument("--models", help="comma-separated model names (default: all)")
     worker.add_argument("--concurrency", type=int, default=64, help="jobs in flight per worker")
     worker.add_argument(

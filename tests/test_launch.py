@@ -49,6 +49,11 @@ def test_plans() -> None:
     ]
     with pytest.raises(ConfigError, match="GPU.*2.*not visible"):
         plan_workers("0,2", ["0", "1"])
+    # One engine over two GPUs (a device_map: auto model): its forward process sees both.
+    assert plan_workers("0+1", ["0", "1"]) == [WorkerPlan("gpu0+1@%h", "0,1")]
+    assert forward_command("0,1", [], "/run/gpu0,1.sock")[1]["CUDA_VISIBLE_DEVICES"] == "0,1"
+    with pytest.raises(ConfigError, match="GPU.*2.*not visible"):
+        plan_workers("0+2", ["0", "1"])
 
 
 def test_visible_gpus_honours_cuda_visible_devices() -> None:

@@ -1,4 +1,5 @@
-"""`pipeq worker --gpus auto|cpu|0,1`: one engine per GPU (or one on the CPU), supervised.
+"""`pipeq worker --gpus auto|cpu|0,1|0+1`: one engine per GPU (or per group of GPUs joined by
+`+`, or one on the CPU), supervised.
 
 An engine is one forward process, pinned with CUDA_VISIBLE_DEVICES before Python in it touches
 CUDA and the only holder of that GPU's models (worker/forward_server.py), and `--procs-per-gpu`
@@ -67,8 +68,10 @@ def plan_workers(
         count = procs_per_gpu or 1
         template = name or ("cpu@%h" if count == 1 else "cpu-{proc}@%h")
         return [WorkerPlan(template.format(proc=proc), None) for proc in range(count)]
+    # "0+1": one engine over GPUs 0 and 1, whose forward process sees both (a `device_map: auto`
+    # model placed over them).
     wanted = visible if gpus == "auto" else [g.strip() for g in gpus.split(",") if g.strip()]
-    unknown = [gpu for gpu in wanted if gpu not in visible]
+    unknown = [gpu for group in wanted for gpu in group.split("+") if gpu not in visible]
     if unknown or not wanted:
         raise ConfigError(
             f"--gpus {gpus}: GPU(s) {', '.join(unknown) or '(none)'} not visible; "
@@ -78,8 +81,8 @@ def plan_workers(
         procs_per_gpu = max(1, (cpus or os.cpu_count() or 1) // len(wanted) - 2)
     template = name or ("gpu{gpu}@%h" if procs_per_gpu == 1 else "gpu{gpu}-{proc}@%h")
     return [
-        WorkerPlan(template.format(gpu=gpu, proc=proc), gpu)
-        for gpu in wanted
+        WorkerPlan(template.format(gpu=group, proc=proc), group.replace("+", ","))
+        for group in wanted
         for proc in range(procs_per_gpu)
     ]
 
