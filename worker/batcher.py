@@ -4,12 +4,11 @@ Items arrive already fetched, decoded and preprocessed (by the job threads and t
 so the threads that own the model do nothing but batches back to back, in two stages: one thread
 takes a batch and stages it (`stage`: collating it, and for the GPU image pipeline decoding its
 JPEGs and resizing them on the GPU), the other runs the model on the batch staged before
-(`forward`), so batch k+1 is staged while batch k runs. A batch is
-taken when its group holds `max_batch_size` rows, or when its oldest item has waited
-`max_wait_ms`, no staged batch waits for the forward thread and the GPU has room (`has_room`). An
-item is one input's part, or in the forward process a front's block of many rows
-(worker/forward_server.py); a block that fails alone fails with `SplitBlock` for its sender to
-split.
+(`forward`), so batch k+1 is staged while batch k runs. A batch is taken when its group holds
+`max_batch_size` rows, or when its oldest item has waited `max_wait_ms`, no staged batch waits
+for the forward thread and the GPU has room (`has_room`). An item is one input's part, or in the
+forward process a front's block of many rows (worker/forward_server.py); a block that fails alone
+fails with `SplitBlock` for its sender to split.
 
 Which items form a batch: the anchor is the oldest interactive item (else the oldest bulk one);
 the batch is the anchor's group (same call params, same input keys) filled with interactive items
