@@ -24,8 +24,8 @@ COPY --chmod=755 <<'EOF' /usr/local/bin/pipeq-worker-ping
 import socket
 import sys
 
-from config.celery import make_celery
-from config.settings import Settings
+from pipeq.config.celery import make_celery
+from pipeq.config.settings import Settings
 
 settings = Settings()
 if settings.broker_url is None:
@@ -57,8 +57,10 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY config config
+COPY core core
 COPY producer producer
 COPY worker worker
+COPY cli cli
 RUN --mount=type=cache,target=/root/.cache/pip pip install ".[worker]"
 
 FROM cuda-python AS worker
@@ -91,10 +93,12 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY config config
+COPY core core
 COPY producer producer
-# worker/ as plain sources: the client reads S3 results through worker/stores.py and
-# `pipeq webhooks worker` runs from this image; the GPU modules (and torch) are never imported.
+# worker/ as plain sources: `pipeq webhooks worker` (worker/callbacks.py) runs from this image;
+# the GPU modules (and torch) are never imported.
 COPY worker worker
+COPY cli cli
 # `monitor` is Flower (`pipeq flower`).
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --upgrade pip \

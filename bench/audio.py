@@ -4,7 +4,7 @@
                           [--redis redis://127.0.0.1:6379/5]
 
 Synthesizes `--files` FLAC files (16 kHz float32 noise plus tones, lengths spread evenly over
-[min-s, max-s]) and transcribes them with the tiny Whisper of worker/tiny_models.py two ways:
+[min-s, max-s]) and transcribes them with the tiny Whisper of cli/tiny_models.py two ways:
 
 - pipeq: one job per file, all submitted at once, to one `pipeq worker --gpus cpu` whose registry
   gives tiny-whisper `max_batch_size: B` and `params: {chunk_length_s: 30}`; the worker batches the
@@ -41,9 +41,9 @@ from bench.harness import (
     versions,
     write_results,
 )
-from config.settings import Settings
-from producer.client import Client
-from worker.tiny_models import build_tiny_models
+from pipeq.cli.tiny_models import build_tiny_models
+from pipeq.config.settings import Settings
+from pipeq.producer.client import Client
 
 RATE = 16_000
 MODEL = "tiny-whisper"

@@ -4,7 +4,7 @@ calling pipeline() per job, and pipeq; then the latency of one job at a time.
 
     python -m bench.cpu [--jobs 3000] [--redis redis://127.0.0.1:6379]
 
-Model: the tiny text-classification model the tests build (worker/tiny_models.py), so the rows
+Model: the tiny text-classification model the tests build (cli/tiny_models.py), so the rows
 measure the queue path, not a forward pass. Each drain: the jobs are queued first, then the
 worker starts; its rate is the jobs over the span from the first job started (for Celery tasks,
 the first finished) to the last finished. Writes bench/results/cpu.json and prints a table.
@@ -36,10 +36,10 @@ from bench.harness import (
     versions,
     write_results,
 )
-from config.settings import Settings
-from producer.client import Client
-from producer.jobs import JobRequest
-from worker.tiny_models import build_tiny_models
+from pipeq.cli.tiny_models import build_tiny_models
+from pipeq.config.settings import Settings
+from pipeq.core.jobs import JobRequest
+from pipeq.producer.client import Client
 
 WORDS = (
     "the movie was great but service felt slow and the food cold yet staff were kind to us".split()

@@ -21,11 +21,11 @@ from transformers import pipeline
 
 from bench.gpu import build_bert, make_texts
 from bench.harness import start_pipeq_worker, stop_process
-from config.registry import ModelSpec
-from config.settings import Settings
-from producer.client import Client
-from producer.jobs import JobRequest
-from worker.pipelines import load_pipeline
+from pipeq.config.registry import ModelSpec
+from pipeq.config.settings import Settings
+from pipeq.core.jobs import JobRequest
+from pipeq.producer.client import Client
+from pipeq.worker.pipelines import load_pipeline
 
 TEXTS = 512
 # BERT-base in fp16 is ~220 MB: GPU 0 takes what fits in this, GPU 1 the rest.

@@ -51,10 +51,10 @@ from bench.harness import (
     versions,
     write_results,
 )
-from config.celery import make_celery, queue_name
-from config.settings import Settings
-from producer.client import Client
-from producer.jobs import JobRequest
+from pipeq.config.celery import make_celery, queue_name
+from pipeq.config.settings import Settings
+from pipeq.core.jobs import JobRequest
+from pipeq.producer.client import Client
 
 
 @dataclass
@@ -235,9 +235,10 @@ def pipeline_best(
 def gpu_parity(path: Path, images: list[Path], scale: Scale) -> dict[str, float]:
     """GPU decode + fast processor + ranking vs the library's CPU path on the same JPEGs: the
     logits' bound, and the answers' top-1 labels and scores."""
-    from config.registry import ModelSpec
-    from worker.gpu_images import GpuImagePipeline
-    from worker.pipelines import StagedPipeline, load_pipeline
+    from pipeq.config.registry import ModelSpec
+    from pipeq.worker.adapters import ImageClassification
+    from pipeq.worker.gpu_images import GpuImagePipeline
+    from pipeq.worker.pipelines import load_pipeline
 
     spec = ModelSpec(
         name="vit",
@@ -249,7 +250,7 @@ def gpu_parity(path: Path, images: list[Path], scale: Scale) -> dict[str, float]
     )
     gpu = GpuImagePipeline(spec, load_pipeline(spec))
     cpu_spec = spec.model_copy(update={"gpu_preprocess": False})
-    cpu = StagedPipeline(
+    cpu = ImageClassification(
         cpu_spec,
         load_pipeline(cpu_spec.model_copy(update={"pipeline_kwargs": {"use_fast": False}})),
     )
@@ -281,10 +282,10 @@ def vit_bytes_to_labels(path: Path, images: list[Path]) -> dict[str, float]:
     """JPEG bytes -> top-5 labels on the GPU, the forward process's own code without fronts or
     queues: in series (each batch of 256 staged, run and waited for: what is reachable one
     stage after another), and through its batcher (batch k+1 staged while batch k runs)."""
-    from config.registry import ModelSpec
-    from worker.batcher import WorkItem
-    from worker.forward_server import BlockStages
-    from worker.pipelines import load_staged
+    from pipeq.config.registry import ModelSpec
+    from pipeq.worker.batcher import WorkItem
+    from pipeq.worker.forward_server import BlockStages
+    from pipeq.worker.loading import load_staged
 
     spec = ModelSpec(
         name="vit",

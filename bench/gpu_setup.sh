@@ -3,7 +3,8 @@
 # and .gpu/redis/{usr/bin,lib} (Debian 12 redis-server and its shared libraries).
 # Installs into /tmp/site each carried wheel the image lacks or has at an older version,
 # starts redis-server on 127.0.0.1:6399 (daemonized, no persistence), waits for PING, and
-# exports PYTHONPATH and (unless set) PIPEQ_BROKER_URL. Idempotent on a warm machine.
+# links the repository's folders as the package pipeq, exports PYTHONPATH and (unless set)
+# PIPEQ_BROKER_URL. Idempotent on a warm machine.
 (
   set -euo pipefail
   sel=$(python3 - <<'EOF'
@@ -48,6 +49,10 @@ else:
 print("gpu_setup: redis", r.info("server")["redis_version"], "up on 127.0.0.1:6399", flush=True)
 EOF
 ) || return 1 2>/dev/null || exit 1
-case ":${PYTHONPATH:-}:" in *":/tmp/site:$PWD:"*) ;; *) export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" ;; esac
+# The repository's folders as the one import name `pipeq` (pyproject.toml's package-dir), without
+# an install: links under /tmp/pipeq-src/pipeq.
+mkdir -p /tmp/pipeq-src/pipeq
+for package in config core producer worker cli; do ln -sfn "$PWD/$package" "/tmp/pipeq-src/pipeq/$package"; done
+case ":${PYTHONPATH:-}:" in *":/tmp/site:/tmp/pipeq-src:"*) ;; *) export PYTHONPATH="/tmp/site:/tmp/pipeq-src${PYTHONPATH:+:$PYTHONPATH}" ;; esac
 export PIPEQ_BROKER_URL="${PIPEQ_BROKER_URL:-redis://127.0.0.1:6399/0}"
 echo "gpu_setup: export PYTHONPATH=$PYTHONPATH PIPEQ_BROKER_URL=$PIPEQ_BROKER_URL"

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from producer.client import Client
+from pipeq.producer.client import Client
 
 READY_LINE = "pipeq worker ready"
 
@@ -88,7 +88,7 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 def start_pipeq_worker(
     env: dict[str, str], log_path: Path, *args: str, ready_count: int = 1
 ) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "producer.cli", "worker", *args]
+    command = [sys.executable, "-m", "pipeq.cli", "worker", *args]
     return start_process(command, env, log_path, READY_LINE, ready_count)
 
 

@@ -30,11 +30,11 @@ import redis
 from celery import group
 
 from bench.harness import Record, write_results
-from config.settings import Settings
-from producer.backfill import GROUP_INPUTS, cut_chunks, job_request
-from producer.client import Client
-from producer.jobs import JobRequest
-from producer.manifest import BadLine, read_manifest
+from pipeq.config.settings import Settings
+from pipeq.core.jobs import JobRequest
+from pipeq.producer.backfill import GROUP_INPUTS, cut_chunks, job_request
+from pipeq.producer.client import Client
+from pipeq.producer.manifest import BadLine, read_manifest
 
 MODEL = "sentiment"  # any name in the default registry: nothing is loaded, nothing consumes
 WORDS = "the movie was great but service felt slow and the food cold yet staff were kind".split()
@@ -78,7 +78,7 @@ def submit_many_per_input(client: Client, count: int) -> int:
 
 
 def backfill_publish(client: Client, manifest: Path, chunk: int) -> int:
-    """The publishing half of `producer.backfill`: read, chunk, hash, submit_many in groups."""
+    """The publishing half of `pipeq.producer.backfill`: read, chunk, hash, submit_many in groups."""
     published, pending = 0, []
     for items in cut_chunks(read_manifest(str(manifest)), chunk):
         assert not isinstance(items, BadLine), items

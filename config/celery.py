@@ -12,7 +12,7 @@ from celery.app.amqp import AMQP
 from kombu import Exchange, Queue
 from kombu.common import Broadcast
 
-from config.settings import Settings
+from pipeq.config.settings import Settings
 
 LANES = ("interactive", "bulk")
 RUN_TASK = "pipeq.run"
@@ -120,7 +120,7 @@ def make_celery(settings: Settings) -> Celery:
     amqp = is_amqp(broker_url)
     app = Celery("pipeq", broker=broker_url, amqp=QuorumAMQP if amqp else None)
     if broker_url.startswith(("redis://", "rediss://")):
-        app.conf.broker_transport = "config.redis_transport:Transport"
+        app.conf.broker_transport = "pipeq.config.redis_transport:Transport"
     if broker_url.startswith("rediss://") and "ssl_cert_reqs" not in broker_url:
         # With its transport named, kombu no longer turns rediss:// into TLS by itself: verify
         # the server's certificate unless the URL says otherwise.

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
-from config.errors import InvalidParams
+from pipeq.config.errors import InvalidParams
 
 MAX_LABELS = 100
 MAX_LABEL_CHARS = 200

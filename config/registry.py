@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from config.errors import ConfigError
+from pipeq.config.errors import ConfigError
 
 Task = Literal[
     "text-classification",

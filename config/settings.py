@@ -8,7 +8,7 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from config.errors import ConfigError
+from pipeq.config.errors import ConfigError
 
 
 def _split_commas(value: object) -> object:

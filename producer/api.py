@@ -17,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from config.errors import (
+from pipeq.config.errors import (
     InvalidParams,
     JobConflict,
     JobNotFound,
@@ -26,10 +26,10 @@ from config.errors import (
     StoreError,
     UnknownModel,
 )
-from producer.body_limit import BodyLimit
-from producer.client import Client
-from producer.jobs import JobAccepted, JobDocument, JobRequest, owner_of
-from producer.queue_depth import register_queue_depth
+from pipeq.core.jobs import JobAccepted, JobDocument, JobRequest, owner_of
+from pipeq.core.queue_depth import register_queue_depth
+from pipeq.producer.body_limit import BodyLimit
+from pipeq.producer.client import Client
 
 MAX_WAIT_S = 60.0
 
@@ -82,7 +82,14 @@ def create_app(client: Client | None = None) -> FastAPI:  # noqa: C901 - the sum
         ["route", "status"],
         registry=metrics,
     )
-    register_queue_depth(metrics, client)
+    register_queue_depth(
+        metrics,
+        client.settings.broker_url,
+        client.celery.conf.broker_transport_options,
+        client.registry.models,
+        client.records,
+        client.ledger,
+    )
     app = FastAPI(title="pipeq", version="0.1.0")
     # Added first, so it runs inside count_requests and its 413s are counted too.
     app.add_middleware(BodyLimit, max_bytes=settings.request_bytes_limit)

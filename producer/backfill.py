@@ -35,10 +35,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from config.errors import ErrorInfo, JobNotFound, Overloaded, UnknownModel
-from producer.client import Client
-from producer.jobs import JobDocument, JobRequest, text_chars
-from producer.manifest import (
+from pipeq.config.errors import ErrorInfo, JobNotFound, Overloaded, UnknownModel
+from pipeq.core.jobs import JobDocument, JobRequest, text_chars
+from pipeq.producer.client import Client
+from pipeq.producer.manifest import (
     INPUT,
     BadLine,
     Item,
@@ -47,7 +47,7 @@ from producer.manifest import (
     read_manifest,
     s3_client,
 )
-from producer.shards import SHARD_LINES, Shards, Store, open_store, shard_index, written_ids
+from pipeq.producer.shards import SHARD_LINES, Shards, Store, open_store, shard_index, written_ids
 
 # Inputs per Client.submit_many call: 0.1-0.2 s of publishing at the rate bench/publish.py
 # measures (100k-150k inputs/s), so finished jobs are still collected several times a second.

@@ -9,17 +9,17 @@ from typing import Any
 from celery import Celery
 from celery.canvas import Signature
 
-from config.celery import RUN_TASK, make_celery, queue_name
-from config.errors import JobConflict, JobNotFound, PayloadTooLarge, UnknownModel
-from config.params import check_params
-from config.redis_transport import INPUTS_HEADER
-from config.registry import Registry, load_registry
-from config.settings import Settings
-from producer.jobs import Input, JobDocument, JobMessage, JobRequest, Lane, Webhook, scoped_id
-from producer.ledger import admit, open_ledger
-from producer.records import JobRecords, open_records
-from producer.stores import ResultStores
-from producer.webhooks import publish_for
+from pipeq.config.celery import make_celery
+from pipeq.config.errors import JobConflict, JobNotFound, PayloadTooLarge, UnknownModel
+from pipeq.config.params import check_params
+from pipeq.config.registry import Registry, load_registry
+from pipeq.config.settings import Settings
+from pipeq.core.jobs import Input, JobDocument, JobMessage, JobRequest, Lane, Webhook, scoped_id
+from pipeq.core.ledger import admit, open_ledger
+from pipeq.core.publish import send_jobs
+from pipeq.core.records import JobRecords, open_records
+from pipeq.core.stores import ResultStores
+from pipeq.core.webhooks import publish_for
 
 
 class Client:
@@ -212,21 +212,7 @@ class Client:
         link_error: Signature | None = None,
     ) -> None:
         """Put `messages` on their queues in one pipelined batch (kombu's Producer.batch)."""
-        with self.celery.producer_or_acquire() as producer, producer.batch(max_size=1000):
-            for message in messages:
-                self.celery.send_task(
-                    RUN_TASK,
-                    args=[message.model_dump(mode="json")],
-                    task_id=message.id,
-                    queue=queue_name(message.model, message.lane),
-                    producer=producer,
-                    link=link,
-                    link_error=link_error,
-                    # What Flower shows instead of the arguments: never inline media bytes.
-                    argsrepr=f"{message.model} x{len(message.inputs)} {message.lane}",
-                    kwargsrepr="{}",
-                    headers={INPUTS_HEADER: len(message.inputs)},
-                )
+        send_jobs(self.celery, messages, link=link, link_error=link_error)
 
     def get(self, job_id: str, presign: bool = False, owner: str | None = None) -> JobDocument:
         """The job's record, with its outputs read back from S3 where they were stored there;

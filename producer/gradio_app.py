@@ -24,9 +24,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from config.errors import PipeqError, UnknownModel  # noqa: E402
-from producer.client import Client  # noqa: E402
-from producer.jobs import JobDocument  # noqa: E402
+from pipeq.config.errors import PipeqError, UnknownModel  # noqa: E402
+from pipeq.core.jobs import JobDocument  # noqa: E402
+from pipeq.producer.client import Client  # noqa: E402
 
 STATUS_POLL_S = 0.25
 JOB_TIMEOUT_S = 120.0

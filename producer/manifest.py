@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,21 @@ from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
-from producer.cli import parse_input
-from producer.jobs import Input
+from pipeq.core.jobs import Input
+
+
+def parse_input(text: str) -> Any:
+    """A CLI input: a JSON object as given, a URL or s3:// URI, an existing file, else text."""
+    if text.startswith("{"):
+        return json.loads(text)
+    if text.startswith(("http://", "https://")):
+        return {"url": text}
+    if text.startswith("s3://"):
+        return {"s3": text}
+    if os.path.exists(text):
+        return {"path": str(Path(text).resolve())}
+    return text
+
 
 ManifestFormat = Literal["jsonl", "csv", "list"]
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from producer.manifest import s3_client
+from pipeq.producer.manifest import s3_client
 
 SHARD_LINES = 10_000
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import redis
 
-from config.settings import Settings
-from producer.client import Client
+from pipeq.config.settings import Settings
+from pipeq.producer.client import Client
 
 REDIS = os.environ.get("PIPEQ_TEST_REDIS", "redis://127.0.0.1:6379")
 BROKER_DB, RESULT_DB = 14, 15
@@ -28,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.demo import write_demo_registry
+    from pipeq.cli.demo import write_demo_registry
 
     root = tmp_path_factory.mktemp("models")
     write_demo_registry(root)
@@ -87,7 +87,7 @@ class WorkerProcess:
         self.log_path = log_path
         self._log = log_path.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker", "--gpus", "cpu", *args],
+            [sys.executable, "-m", "pipeq.cli", "worker", "--gpus", "cpu", *args],
             env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -8,8 +8,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from config.registry import load_registry
-from worker.pipelines import load_pipeline, to_json
+from pipeq.config.registry import load_registry
+from pipeq.worker.pipelines import load_pipeline, to_json
 
 
 def assert_close(got: Any, want: Any, tol: float = 1e-4, where: str = "output") -> None:

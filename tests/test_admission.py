@@ -15,11 +15,11 @@ import redis
 import yaml
 from fastapi.testclient import TestClient
 
-from config.errors import Overloaded
-from config.settings import Settings
-from producer.api import create_app
-from producer.client import Client
-from producer.ledger import QueueLedger
+from pipeq.config.errors import Overloaded
+from pipeq.config.settings import Settings
+from pipeq.core.ledger import QueueLedger
+from pipeq.producer.api import create_app
+from pipeq.producer.client import Client
 from tests.conftest import REDIS
 
 MODEL = "tiny-sentiment"

@@ -14,9 +14,9 @@ import pytest
 import redis
 import uvicorn
 
-from config.settings import Settings
-from producer.api import create_app
-from producer.client import Client
+from pipeq.config.settings import Settings
+from pipeq.producer.api import create_app
+from pipeq.producer.client import Client
 
 
 def _free_port() -> int:

@@ -20,10 +20,10 @@ import pytest
 import redis
 from PIL import Image
 
-from config.settings import Settings
-from producer.backfill import backfill
-from producer.client import Client
-from producer.manifest import BadLine, Item, read_manifest
+from pipeq.config.settings import Settings
+from pipeq.producer.backfill import backfill
+from pipeq.producer.client import Client
+from pipeq.producer.manifest import BadLine, Item, read_manifest
 
 pytestmark = pytest.mark.usefixtures("session_worker")
 
@@ -105,7 +105,7 @@ def test_max_in_flight_bounds_queued_and_running_inputs(client: Client, tmp_path
 
 def run_cli(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "backfill", *args],
+        [sys.executable, "-m", "pipeq.cli", "backfill", *args],
         env={**os.environ, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

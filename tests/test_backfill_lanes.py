@@ -11,10 +11,10 @@ from typing import Any
 
 import redis
 
-from config.celery import queue_name
-from config.settings import Settings
-from producer.backfill import Summary, backfill
-from producer.client import Client
+from pipeq.config.celery import queue_name
+from pipeq.config.settings import Settings
+from pipeq.producer.backfill import Summary, backfill
+from pipeq.producer.client import Client
 from tests.test_backfill import MODEL, assert_exactly_once, write_jsonl
 
 LANES_BROKER_DB = 4  # its own broker database and worker: the backlog is this test's alone

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from config.errors import ModelError
-from worker.batcher import Batcher, WorkItem, take_batch
+from pipeq.config.errors import ModelError
+from pipeq.worker.batcher import Batcher, WorkItem, take_batch
 
 
 def _items(

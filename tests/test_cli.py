@@ -15,14 +15,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from producer.cli import parse_input, parse_param
+from pipeq.cli.main import parse_param
+from pipeq.producer.manifest import parse_input
 
 
 def _pipeq(
     *args: str, cwd: Path, env: dict[str, str], timeout_s: float = 300
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args],
+        [sys.executable, "-m", "pipeq.cli", *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -84,7 +85,7 @@ def test_up_serves_jobs_on_the_embedded_broker(tmp_path: Path, model_dir: Path) 
     env = _embedded_env(tmp_path, PIPEQ_MODELS=str(model_dir / "models.yaml"))
     log = (tmp_path / "up.log").open("w")
     up = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "up", "--port", str(port), "--gpus", "cpu"],
+        [sys.executable, "-m", "pipeq.cli", "up", "--port", str(port), "--gpus", "cpu"],
         cwd=tmp_path,
         env=env,
         stdout=log,
@@ -145,7 +146,7 @@ def _children_of_data_dir(tmp_path: Path) -> list[str]:
             state = (proc / "stat").read_text().split()[2]
         except (OSError, IndexError):
             continue
-        if b"producer.cli" in cmdline and str(tmp_path).encode() in environ and state != "Z":
+        if b"pipeq.cli" in cmdline and str(tmp_path).encode() in environ and state != "Z":
             found.append(proc.name)
     return found
 

@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
-from producer.combine import Combiner
-from producer.jobs import JobDocument
-from producer.records import RedisRecords
+from pipeq.core.combine import Combiner
+from pipeq.core.jobs import JobDocument
+from pipeq.core.records import RedisRecords
 from tests.conftest import REDIS
 
 

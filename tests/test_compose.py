@@ -14,8 +14,8 @@ import pytest
 import yaml
 from pydantic import AliasChoices
 
-from config.settings import Settings
-from producer.cli import build_parser
+from pipeq.cli.main import build_parser
+from pipeq.config.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"

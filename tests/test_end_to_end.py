@@ -16,8 +16,8 @@ import redis
 import soundfile as sf
 from PIL import Image
 
-from config.settings import Settings
-from producer.client import Client
+from pipeq.config.settings import Settings
+from pipeq.producer.client import Client
 from tests.parity import assert_close, reference_pipeline
 
 TEXTS = [

@@ -9,7 +9,7 @@ from celery import Celery
 from kombu.common import QoS
 from kombu.message import Message
 
-from worker.engine import Delivery, JobEngine
+from pipeq.worker.engine import Delivery, JobEngine
 
 
 def _delivery(inputs: int, acks: list[str]) -> Delivery:

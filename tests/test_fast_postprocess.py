@@ -8,7 +8,10 @@ import pytest
 import torch
 from transformers import pipeline
 
-from worker.fast_postprocess import ImageClassificationPostprocess, TextClassificationPostprocess
+from pipeq.worker.fast_postprocess import (
+    ImageClassificationPostprocess,
+    TextClassificationPostprocess,
+)
 
 
 @pytest.fixture(scope="module")

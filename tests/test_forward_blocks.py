@@ -15,14 +15,15 @@ from typing import Any
 import pytest
 from transformers import pipeline
 
-from config.errors import ModelError
-from config.registry import ModelSpec
-from worker.batcher import WorkItem, take_batch
-from worker.forward_client import ForwardClient
-from worker.forward_server import BlockStages, ForwardModel, ForwardServer, _Reports
-from worker.forward_wire import decode, encode
-from worker.pipelines import StagedPipeline
-from worker.runner import _work_item
+from pipeq.config.errors import ModelError
+from pipeq.config.registry import ModelSpec
+from pipeq.worker.batcher import WorkItem, take_batch
+from pipeq.worker.forward_client import ForwardClient
+from pipeq.worker.forward_server import BlockStages, ForwardModel, ForwardServer, _Reports
+from pipeq.worker.forward_wire import decode, encode
+from pipeq.worker.loading import adapter_for
+from pipeq.worker.pipelines import StagedPipeline
+from pipeq.worker.runner import _work_item
 
 TEXTS = ["fine", "a long and winding review of a film " * 3, "", "bad bad", "ok then"]
 
@@ -30,7 +31,7 @@ TEXTS = ["fine", "a long and winding review of a film " * 3, "", "bad bad", "ok 
 def _staged(model_dir: Path, name: str, task: str) -> StagedPipeline:
     path = str(model_dir / "models" / name)
     spec = ModelSpec(name=name, task=task, model=path, max_batch_size=8, max_wait_ms=20)
-    return StagedPipeline(spec, pipeline(task, model=path, device="cpu"))
+    return adapter_for(spec)(spec, pipeline(task, model=path, device="cpu"))
 
 
 def _close(got: Any, want: Any) -> None:

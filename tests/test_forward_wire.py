@@ -12,7 +12,7 @@ import torch
 from transformers import BatchEncoding
 from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 
-from worker.forward_wire import WireError, decode, encode
+from pipeq.worker.forward_wire import WireError, decode, encode
 
 
 def _header(data: bytes) -> dict:

@@ -16,12 +16,12 @@ import httpx
 import pytest
 from PIL import Image, ImageDraw
 
-from config.settings import Settings
-from producer.client import Client
+from pipeq.config.settings import Settings
+from pipeq.producer.client import Client
 from tests.parity import reference_pipeline
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-from producer.gradio_app import build_app, launch_page  # noqa: E402 - gradio reads it at import
+from pipeq.producer.gradio_app import build_app, launch_page  # noqa: E402 - gradio reads it at import
 
 DOCS_PNG = Path(__file__).resolve().parents[1] / "docs" / "gradio.png"
 RESULT_TIMEOUT_MS = 60_000

@@ -19,15 +19,15 @@ import pytest
 from PIL import Image
 from transformers import pipeline
 
-from config.registry import ModelSpec
-from config.settings import Settings
-from producer.records import open_records
-from worker.batcher import WorkItem
-from worker.forward_client import ForwardClient
-from worker.forward_server import BlockStages, ForwardModel, ForwardServer, _Reports
-from worker.media import MediaLoader
-from worker.pipelines import StagedPipeline
-from worker.runner import JobRun, JobRunner, ServedModel
+from pipeq.config.registry import ModelSpec
+from pipeq.config.settings import Settings
+from pipeq.core.records import open_records
+from pipeq.worker.batcher import WorkItem
+from pipeq.worker.forward_client import ForwardClient
+from pipeq.worker.forward_server import BlockStages, ForwardModel, ForwardServer, _Reports
+from pipeq.worker.media import MediaLoader
+from pipeq.worker.pipelines import StagedPipeline
+from pipeq.worker.runner import JobRun, JobRunner, ServedModel
 
 
 class _ReadsInline(StagedPipeline):

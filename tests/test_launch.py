@@ -16,13 +16,19 @@ import pytest
 import redis
 from transformers import pipeline
 
-from config.celery import make_celery
-from config.errors import ConfigError
-from config.registry import load_registry
-from config.settings import Settings
-from producer.client import Client
-from producer.jobs import JobRequest
-from worker.launch import WorkerPlan, forward_command, front_command, plan_workers, visible_gpus
+from pipeq.config.celery import make_celery
+from pipeq.config.errors import ConfigError
+from pipeq.config.registry import load_registry
+from pipeq.config.settings import Settings
+from pipeq.core.jobs import JobRequest
+from pipeq.producer.client import Client
+from pipeq.worker.launch import (
+    WorkerPlan,
+    forward_command,
+    front_command,
+    plan_workers,
+    visible_gpus,
+)
 
 PAIR_DB = 13  # its own broker database: only the pair below takes these jobs
 
@@ -83,7 +89,7 @@ def test_one_pinned_worker_per_gpu(
     args = ["worker", "--gpus", "auto", "--models", "tiny-sentiment", "--concurrency", "4"]
     with log.open("w") as out:
         launcher = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", *args],
+            [sys.executable, "-m", "pipeq.cli", *args],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

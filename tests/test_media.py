@@ -31,7 +31,7 @@ import pytest
 import soundfile
 from PIL import Image
 
-from config.errors import (
+from pipeq.config.errors import (
     DecodeError,
     FetchFailed,
     InputError,
@@ -40,10 +40,10 @@ from config.errors import (
     MediaTooLarge,
     UnsafeReference,
 )
-from config.settings import Settings
-from producer.jobs import DataRef, DocumentInput, PathRef, S3Ref, UrlRef
-from worker.media import MediaLoader
-from worker.urlguard import is_public
+from pipeq.config.settings import Settings
+from pipeq.core.jobs import DataRef, DocumentInput, PathRef, S3Ref, UrlRef
+from pipeq.worker.media import MediaLoader
+from pipeq.worker.urlguard import is_public
 
 PUBLIC_IP = "93.184.215.14"  # a global unicast address; only ever answered by MockTransport
 

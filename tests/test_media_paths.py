@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from config.errors import MediaError, UnsafeReference
-from config.settings import Settings
-from producer.jobs import PathRef
-from worker.media import MediaLoader
+from pipeq.config.errors import MediaError, UnsafeReference
+from pipeq.config.settings import Settings
+from pipeq.core.jobs import PathRef
+from pipeq.worker.media import MediaLoader
 
 TRIES = 400
 INSIDE, OUTSIDE = b"inside the root", b"SECRET outside the root"

@@ -25,11 +25,11 @@ import redis
 from fastapi.testclient import TestClient
 from playwright.sync_api import Error as PlaywrightError
 
-from config.celery import RUN_TASK, queue_name
-from config.settings import Settings
-from producer.api import create_app
-from producer.client import Client
-from producer.queue_depth import priority_keys
+from pipeq.config.celery import RUN_TASK, queue_name
+from pipeq.config.settings import Settings
+from pipeq.core.queue_depth import priority_keys
+from pipeq.producer.api import create_app
+from pipeq.producer.client import Client
 
 DOCS_PNG = Path(__file__).resolve().parents[1] / "docs" / "flower.png"
 
@@ -61,7 +61,7 @@ def flower(
     env = {**os.environ, **worker_env, "PIPEQ_FLOWER_BASIC_AUTH": f"ops:{password}"}
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "flower", "--port", str(port)],
+            [sys.executable, "-m", "pipeq.cli", "flower", "--port", str(port)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -21,10 +21,10 @@ import pytest
 import yaml
 from kombu import Connection
 
-from config.celery import LANES, WEBHOOK_QUEUE, make_celery, queue_name
-from config.errors import ConfigError
-from config.settings import Settings
-from producer.client import Client
+from pipeq.config.celery import LANES, WEBHOOK_QUEUE, make_celery, queue_name
+from pipeq.config.errors import ConfigError
+from pipeq.config.settings import Settings
+from pipeq.producer.client import Client
 from tests.conftest import WorkerProcess
 from tests.test_end_to_end import (  # noqa: F401 - collected here, with this module's fixtures
     TestEveryTaskMatchesPipeline,
@@ -135,7 +135,7 @@ def test_amqp_without_result_url_is_a_config_error(settings: Settings) -> None:
 def test_no_queue_depth_metrics_and_no_crash_on_amqp(settings: Settings) -> None:
     from fastapi.testclient import TestClient
 
-    from producer.api import create_app
+    from pipeq.producer.api import create_app
 
     with TestClient(create_app(Client(settings))) as http:
         metrics = http.get("/metrics")
@@ -176,7 +176,7 @@ def test_sigkilled_worker_jobs_return_at_once(
 def test_flower_app_on_amqp(settings: Settings) -> None:
     """`pipeq flower` builds its app the same way: the lanes it lists are the quorum queues."""
     app = make_celery(settings)
-    from config.celery import model_queues
+    from pipeq.config.celery import model_queues
 
     app.conf.task_queues = model_queues(["tiny-vit"])
     assert all(q.queue_arguments == {"x-queue-type": "quorum"} for q in app.amqp.queues.values())

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from producer.jobs import JobDocument
-from producer.records import JobRecords, RedisRecords, SqliteRecords
+from pipeq.core.jobs import JobDocument
+from pipeq.core.records import JobRecords, RedisRecords, SqliteRecords
 from tests.conftest import REDIS
 
 

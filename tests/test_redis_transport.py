@@ -17,7 +17,7 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from config.redis_transport import ACK_FLUSH_MS, INPUTS_HEADER, Transport
+from pipeq.config.redis_transport import ACK_FLUSH_MS, INPUTS_HEADER, Transport
 from tests.conftest import REDIS
 
 DB = 12

@@ -27,14 +27,14 @@ from celery.contrib.testing.worker import start_worker
 from fastapi.testclient import TestClient
 from standardwebhooks.webhooks import Webhook
 
-from config.celery import make_celery
-from config.errors import InvalidSignature, JobNotFound
-from config.settings import Settings
-from producer.api import create_app
-from producer.client import Client
-from producer.jobs import JobDocument
-from producer.stores import ResultStores
-from producer.webhooks import DeadLetters, verify
+from pipeq.config.celery import make_celery
+from pipeq.config.errors import InvalidSignature, JobNotFound
+from pipeq.config.settings import Settings
+from pipeq.core.jobs import JobDocument
+from pipeq.core.stores import ResultStores
+from pipeq.core.webhooks import DeadLetters, verify
+from pipeq.producer.api import create_app
+from pipeq.producer.client import Client
 from tests.conftest import REDIS, WorkerProcess
 from tests.parity import assert_close, reference_pipeline
 
@@ -222,7 +222,7 @@ def running_webhooks_worker(
 ) -> Iterator[None]:
     """`pipeq webhooks worker` as a subprocess, from its ready line until the block ends."""
     with log_path.open("w") as log:
-        command = [sys.executable, "-m", "producer.cli", "webhooks", "worker"]
+        command = [sys.executable, "-m", "pipeq.cli", "webhooks", "worker"]
         proc = subprocess.Popen(
             [*command, "--concurrency", str(concurrency)],
             env={**os.environ, **env, "PYTHONUNBUFFERED": "1", "PIPEQ_LOG_LEVEL": "INFO"},
@@ -247,7 +247,7 @@ def receiver() -> Iterator[Receiver]:
 
 def _cli(env: dict[str, str], *args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args],
+        [sys.executable, "-m", "pipeq.cli", *args],
         env={**os.environ, **env},
         capture_output=True,
         text=True,

@@ -7,8 +7,8 @@ from typing import Any
 
 import redis
 
-from config.settings import Settings
-from producer.client import Client
+from pipeq.config.settings import Settings
+from pipeq.producer.client import Client
 
 ROUTING_BROKER_DB = 3  # its own broker database: only the two workers below take these jobs
 

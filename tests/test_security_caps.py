@@ -32,14 +32,14 @@ import soundfile
 import uvicorn
 from PIL import Image
 
-from config.errors import JobNotFound, MediaTooLarge, PayloadTooLarge, TextTooLong
-from config.settings import Settings
-from producer.api import create_app
-from producer.backfill import backfill
-from producer.client import Client
-from producer.jobs import DataRef, DocumentInput, JobDocument, JobMessage
-from worker.decode import _resample
-from worker.media import MediaLoader
+from pipeq.config.errors import JobNotFound, MediaTooLarge, PayloadTooLarge, TextTooLong
+from pipeq.config.settings import Settings
+from pipeq.core.jobs import DataRef, DocumentInput, JobDocument, JobMessage
+from pipeq.producer.api import create_app
+from pipeq.producer.backfill import backfill
+from pipeq.producer.client import Client
+from pipeq.worker.decode import _resample
+from pipeq.worker.media import MediaLoader
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
@@ -84,9 +84,9 @@ def png_of_one_colour(width: int, height: int) -> bytes:
 
 _MEASURE = """
 import base64, json, sys
-from config.settings import Settings
-from producer.jobs import DataRef
-from worker.media import MediaLoader
+from pipeq.config.settings import Settings
+from pipeq.core.jobs import DataRef
+from pipeq.worker.media import MediaLoader
 
 def status_mb(field):
     for line in open("/proc/self/status"):

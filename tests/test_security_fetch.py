@@ -24,22 +24,22 @@ from typing import Any
 
 import pytest
 
-from config.errors import (
+from pipeq.config.errors import (
     MediaError,
     MediaTimeout,
     MediaTooLarge,
     UnsafeReference,
     UnsupportedEncoding,
 )
-from config.settings import Settings
-from producer.jobs import UrlRef
-from producer.records import open_records
-from producer.stores import ResultStores
-from producer.webhooks import WebhookDelivery
+from pipeq.config.settings import Settings
+from pipeq.core.jobs import UrlRef
+from pipeq.core.records import open_records
+from pipeq.core.stores import ResultStores
+from pipeq.core.webhooks import WebhookDelivery
+from pipeq.worker.callbacks import Failure, WebhookSender, webhook_http_client
+from pipeq.worker.media import MediaLoader
+from pipeq.worker.urlguard import guarded_client
 from tests.conftest import REDIS
-from worker.callbacks import Failure, WebhookSender, webhook_http_client
-from worker.media import MediaLoader
-from worker.urlguard import guarded_client
 
 SECRET = "whsec_" + base64.b64encode(b"pipeq-test-secret-0123456789").decode()
 PAYLOAD = b"media bytes " * 100

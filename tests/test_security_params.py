@@ -23,16 +23,16 @@ import redis
 import soundfile as sf
 from PIL import Image
 
-from config.errors import InvalidParams, JobNotFound
-from config.settings import Settings
-from producer.client import Client
-from producer.jobs import JobDocument, JobRequest
+from pipeq.config.errors import InvalidParams, JobNotFound
+from pipeq.config.settings import Settings
+from pipeq.core.jobs import JobDocument, JobRequest
+from pipeq.producer.client import Client
+from pipeq.worker.batcher import Batcher, WorkItem
+from pipeq.worker.progress import ProgressTracker
+from pipeq.worker.runner import ServedModel, _feed
 from tests.parity import assert_close, reference_pipeline
 from tests.test_api import serve
 from tests.test_speech_documents import _invoice
-from worker.batcher import Batcher, WorkItem
-from worker.progress import ProgressTracker
-from worker.runner import ServedModel, _feed
 
 LEAKED_PASSWD_LINE = "root:x:0:0"
 

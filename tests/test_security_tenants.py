@@ -13,11 +13,11 @@ import httpx
 import pytest
 import redis
 
-from config.errors import InvalidSignature
-from config.settings import Settings
-from producer.client import Client
-from producer.jobs import owner_of, scoped_id
-from producer.webhooks import verify
+from pipeq.config.errors import InvalidSignature
+from pipeq.config.settings import Settings
+from pipeq.core.jobs import owner_of, scoped_id
+from pipeq.core.webhooks import verify
+from pipeq.producer.client import Client
 from tests.conftest import REDIS, WorkerProcess
 from tests.test_api import serve
 from tests.test_results_and_webhooks import Receiver, running_webhooks_worker

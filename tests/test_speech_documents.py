@@ -28,13 +28,13 @@ import redis
 import soundfile as sf
 from PIL import Image, ImageDraw, ImageFont
 
-from config.registry import load_registry
-from config.settings import Settings
-from producer.client import Client
+from pipeq.config.registry import load_registry
+from pipeq.config.settings import Settings
+from pipeq.producer.client import Client
+from pipeq.worker.batcher import LANE_RANK, Batcher, WorkItem
+from pipeq.worker.decode import decode_audio
+from pipeq.worker.pipelines import StagedPipeline
 from tests.parity import assert_close, reference_pipeline
-from worker.batcher import LANE_RANK, Batcher, WorkItem
-from worker.decode import decode_audio
-from worker.pipelines import StagedPipeline
 
 RATE = 16_000
 SEGMENT_PARAMS: list[dict[str, Any]] = [

@@ -8,12 +8,12 @@ import time
 
 import redis
 
-from config.celery import queue_name
-from config.settings import Settings
-from producer.client import Client
-from producer.jobs import JobDocument
-from producer.records import RedisRecords, pending_key
-from worker.sweeper import LostJobSweeper
+from pipeq.config.celery import queue_name
+from pipeq.config.settings import Settings
+from pipeq.core.jobs import JobDocument
+from pipeq.core.records import RedisRecords, pending_key
+from pipeq.producer.client import Client
+from pipeq.worker.sweeper import LostJobSweeper
 
 
 def _idle_client(settings: Settings, db: int) -> Client:

@@ -13,8 +13,13 @@ import yaml
 from PIL import Image, ImageDraw
 from transformers import Pipeline, pipeline
 
-from config.registry import load_registry
-from worker.tiny_models import BUILT_MARKER, TINY_MODEL_TASKS, build_tiny_models, tiny_registry_yaml
+from pipeq.cli.tiny_models import (
+    BUILT_MARKER,
+    TINY_MODEL_TASKS,
+    build_tiny_models,
+    tiny_registry_yaml,
+)
+from pipeq.config.registry import load_registry
 
 RATE = 16_000
 TEXTS = ["I love this movie, it was wonderful!", "the delivery was late and the box arrived broken"]

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import pipeline
 
-from config.registry import ModelSpec
-from worker.forward_wire import WireError, decode, encode
-from worker.pipelines import StagedPipeline
+from pipeq.config.registry import ModelSpec
+from pipeq.worker.forward_wire import WireError, decode, encode
+from pipeq.worker.loading import adapter_for
 
 TEXTS = [
     "short",
@@ -36,7 +36,8 @@ def test_window_answers_equal_pipeline_per_text(
 ) -> None:
     path = str(model_dir / "models" / name)
     pipe = pipeline(task, model=path, device="cpu")
-    staged = StagedPipeline(ModelSpec(name=name, task=task, model=path), pipe)
+    spec = ModelSpec(name=name, task=task, model=path)
+    staged = adapter_for(spec)(spec, pipe)
     assert staged.tokenizes_windows
     call = staged.call_params(params)
     parts = staged.preprocess_texts(TEXTS, call)

@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import redis
 
-from config.settings import Settings
-from producer.client import Client
+from pipeq.config.settings import Settings
+from pipeq.producer.client import Client
 
 EXPOSURE_DB = 7
 TOKEN = "SECRET123"

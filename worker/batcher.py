@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 import torch
 
-from config.errors import Expired, ModelError
+from pipeq.config.errors import Expired, ModelError
 
 log = logging.getLogger(__name__)
 

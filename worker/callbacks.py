@@ -36,14 +36,14 @@ from kombu import Queue
 from pydantic import ValidationError
 from standardwebhooks.webhooks import Webhook
 
-from config.celery import WEBHOOK_QUEUE, WEBHOOK_TASK, make_celery
-from config.errors import ConfigError, FetchFailed, UnsafeReference
-from config.settings import Settings
-from producer.jobs import FINAL_STATUSES, JobDocument, owner_of
-from producer.records import JobRecords, open_records
-from producer.stores import ResultStores
-from producer.webhooks import DeadLetter, DeadLetters, WebhookDelivery
-from worker.urlguard import checked_url, deadline, guarded_client
+from pipeq.config.celery import WEBHOOK_QUEUE, WEBHOOK_TASK, make_celery
+from pipeq.config.errors import ConfigError, FetchFailed, UnsafeReference
+from pipeq.config.settings import Settings
+from pipeq.core.jobs import FINAL_STATUSES, JobDocument, owner_of
+from pipeq.core.records import JobRecords, open_records
+from pipeq.core.stores import ResultStores
+from pipeq.core.webhooks import DeadLetter, DeadLetters, WebhookDelivery
+from pipeq.worker.urlguard import checked_url, deadline, guarded_client
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class WebhookSender:
     def _signed_as(self, delivery: WebhookDelivery) -> tuple[Webhook, str, dict[str, Any]]:
         """The signer, webhook-id and body of a delivery: its owner's own secret and the id the
         owner submitted where the owner's key has a secret, else the shared secret and the
-        stored id (which names the owner: producer/webhooks.py)."""
+        stored id (which names the owner: core/webhooks.py)."""
         body = self._body(delivery)
         own = self._own_signers.get(delivery.owner) if delivery.owner else None
         if own is None:

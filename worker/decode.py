@@ -24,7 +24,7 @@ import soundfile
 from PIL import Image, ImageOps
 from scipy.signal import resample_poly
 
-from config.errors import DecodeError, InputError, MediaTooLarge
+from pipeq.config.errors import DecodeError, InputError, MediaTooLarge
 
 SAMPLING_RATE = 16_000
 # Demuxers ffmpeg may pick; hls, concat and friends are left out because they open other inputs.

@@ -31,12 +31,12 @@ from celery.app.trace import LOG_RECEIVED
 from celery.worker import state as worker_state
 from redis.exceptions import RedisError
 
-from config.errors import ModelError
-from producer.jobs import JobDocument
-from producer.webhooks import publish_for
-from worker.callbacks import finished_earlier
-from worker.progress import PROGRESS_INTERVAL_S
-from worker.runner import JobRun, JobRunner
+from pipeq.config.errors import ModelError
+from pipeq.core.jobs import JobDocument
+from pipeq.core.webhooks import publish_for
+from pipeq.worker.callbacks import finished_earlier
+from pipeq.worker.progress import PROGRESS_INTERVAL_S
+from pipeq.worker.runner import JobRun, JobRunner
 
 log = logging.getLogger(__name__)
 received_log = logging.getLogger("celery.worker.strategy")

@@ -31,11 +31,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from config.errors import ErrorInfo, Expired, ModelError, PipeqError
-from worker.batcher import BatchHooks, WorkItem
-from worker.forward_server import Answer, Block, Submission
-from worker.forward_wire import WireError, receive, send
-from worker.pipelines import StagedPipeline
+from pipeq.config.errors import ErrorInfo, Expired, ModelError, PipeqError
+from pipeq.worker.batcher import BatchHooks, WorkItem
+from pipeq.worker.forward_server import Answer, Block, Submission
+from pipeq.worker.forward_wire import WireError, receive, send
+from pipeq.worker.pipelines import StagedPipeline
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ the batch limit after an out-of-memory error, is answered "split" and comes back
 
 Fronts come and go (a front that dies is restarted by the supervisor; its blocks still in a
 batch are answered into a closed socket and dropped). The process exits when its parent dies
-(worker.launch sets the parent-death signal), never on a front's failure.
+(pipeq.worker.launch sets the parent-death signal), never on a front's failure.
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ from typing import Any
 
 import torch
 
-from config.errors import ErrorInfo, ModelError, PipeqError
-from config.registry import ModelSpec, load_registry
-from config.settings import Settings
-from worker.batcher import Batcher, BatchHooks, SplitBlock, WorkItem
-from worker.forward_wire import receive, send
-from worker.pipelines import CallParams, StagedPipeline, batch_rows, load_staged
+from pipeq.config.errors import ErrorInfo, ModelError, PipeqError
+from pipeq.config.registry import ModelSpec, load_registry
+from pipeq.config.settings import Settings
+from pipeq.worker.batcher import Batcher, BatchHooks, SplitBlock, WorkItem
+from pipeq.worker.forward_wire import receive, send
+from pipeq.worker.loading import load_staged
+from pipeq.worker.pipelines import CallParams, StagedPipeline, batch_rows
 
 log = logging.getLogger(__name__)
 

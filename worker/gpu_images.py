@@ -23,16 +23,17 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from transformers.pipelines.base import Pipeline
 
-from config.errors import ConfigError, DecodeError, MediaTooLarge
-from config.registry import ModelSpec
-from producer.jobs import DataRef, PathRef, S3Ref, UrlRef
-from worker.media import MediaLoader
-from worker.pipelines import CallParams, ModelInputs, StagedPipeline
+from pipeq.config.errors import ConfigError, DecodeError, MediaTooLarge
+from pipeq.config.registry import ModelSpec
+from pipeq.core.jobs import DataRef, PathRef, S3Ref, UrlRef
+from pipeq.worker.adapters import ImageClassification
+from pipeq.worker.media import MediaLoader
+from pipeq.worker.pipelines import CallParams, ModelInputs
 
 _MEDIA_REFS = (UrlRef, S3Ref, PathRef, DataRef)
 
 
-class GpuImagePipeline(StagedPipeline):
+class GpuImagePipeline(ImageClassification):
     def __init__(self, spec: ModelSpec, pipe: Pipeline, **kwargs: Any) -> None:
         super().__init__(spec, pipe, **kwargs)
         if not _runs_on_gpu(pipe.image_processor):
@@ -50,6 +51,12 @@ class GpuImagePipeline(StagedPipeline):
             )
 
     reads_inline = True
+
+    def warm_input(self) -> tuple[Any, dict[str, Any]]:
+        image, params = super().warm_input()
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG")
+        return buffer.getvalue(), params
 
     def load(self, item: Any, media: MediaLoader) -> Any:
         if not isinstance(item, _MEDIA_REFS):

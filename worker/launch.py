@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Client
 from types import FrameType
 
-from config.errors import ConfigError
+from pipeq.config.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def front_command(
     consumer named after its GPU, which hands its parts to the forward process at `socket`. A
     front never touches CUDA."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PIPEQ_METRICS_PORT": str(metrics_port)}
-    command = [sys.executable, "-m", "producer.cli", "worker", *argv, "--role", "front"]
+    command = [sys.executable, "-m", "pipeq.cli", "worker", *argv, "--role", "front"]
     command += ["--socket", socket, "--name", plan.hostname]
     return command, env
 
@@ -105,7 +105,7 @@ def forward_command(
     """The command and environment of the forward process of `gpu` (None: the CPU), the only
     process that sees that GPU."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu if gpu is not None else ""}
-    command = [sys.executable, "-m", "producer.cli", "worker", *argv, "--role", "forward"]
+    command = [sys.executable, "-m", "pipeq.cli", "worker", *argv, "--role", "forward"]
     return command + ["--socket", socket], env
 
 

@@ -2,10 +2,10 @@
 
 `MediaLoader.fetch` reads the bytes of an http(s) URL, an `s3://` object, a file under
 PIPEQ_MEDIA_ROOTS or inline base64, never more than PIPEQ_MAX_MEDIA_BYTES of them. `load` decodes
-one input for a modality (`worker.decode`), `load_many` does a batch on a thread pool. Every
+one input for a modality (`pipeq.worker.decode`), `load_many` does a batch on a thread pool. Every
 failure is an `InputError` that fails its own input only.
 
-URLs are guarded against SSRF (`worker.urlguard`: only checked public addresses are connected to)
+URLs are guarded against SSRF (`pipeq.worker.urlguard`: only checked public addresses are connected to)
 unless PIPEQ_ALLOW_PRIVATE_URLS is set, and redirects are followed here, one checked hop at a
 time, never by httpx. PIPEQ_MEDIA_TIMEOUT_S bounds a whole URL fetch: every hop, retry and byte.
 """
@@ -30,7 +30,7 @@ import httpx
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
 
-from config.errors import (
+from pipeq.config.errors import (
     DecodeError,
     FetchFailed,
     InputError,
@@ -41,8 +41,8 @@ from config.errors import (
     UnsafeReference,
     UnsupportedEncoding,
 )
-from config.settings import Settings
-from producer.jobs import (
+from pipeq.config.settings import Settings
+from pipeq.core.jobs import (
     DataRef,
     DocumentInput,
     Input,
@@ -52,8 +52,8 @@ from producer.jobs import (
     UrlRef,
     text_chars,
 )
-from worker.decode import decode_audio, decode_image
-from worker.urlguard import checked_url, deadline, guarded_client, time_left
+from pipeq.worker.decode import decode_audio, decode_image
+from pipeq.worker.urlguard import checked_url, deadline, guarded_client, time_left
 
 # Fetching is I/O bound; 16 threads keep a GPU batch's worth of downloads in flight.
 LOAD_THREADS = 16

@@ -50,7 +50,7 @@ GPU_MEMORY = Gauge(
 
 
 class BatchMetrics:
-    """The batcher's hooks for one model (see worker.batcher.BatchHooks)."""
+    """The batcher's hooks for one model (see pipeq.worker.batcher.BatchHooks)."""
 
     def __init__(self, model: str) -> None:
         self._size = BATCH_SIZE.labels(model)

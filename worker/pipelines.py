@@ -6,45 +6,29 @@ batching uses the library's own collate and un-batching (`pad_collate_fn`, `Pipe
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import logging
-import time
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pytesseract
 import torch
 import transformers
 from PIL import Image
 from transformers.pipelines.base import ChunkPipeline, Pipeline, pad_collate_fn
-from transformers.pipelines.document_question_answering import ModelType, normalize_box
 from transformers.pipelines.pt_utils import PipelineIterator
 
-from config.errors import ConfigError, OcrTimeout
-from config.params import check_params
-from config.registry import ModelSpec
-from config.settings import Settings
-from worker.media import MediaLoader
-
-log = logging.getLogger(__name__)
+from pipeq.config.errors import ConfigError
+from pipeq.config.params import check_params
+from pipeq.config.registry import ModelSpec
+from pipeq.config.settings import Settings
+from pipeq.worker.media import MediaLoader
 
 ModelInputs = dict[str, Any]
 
-# Tasks whose answer holds one vector per token: batching pads them, so each output is cut back
-# to its own input's length (pipeline(input) never sees padding).
-_PER_TOKEN_OUTPUT_TASKS = frozenset({"feature-extraction"})
-# Tasks whose preprocess of a text is exactly one tokenizer call on it: a window of texts is
-# tokenized in one call (a fast tokenizer encodes a list in parallel, in Rust) and split per text.
-_WINDOW_TOKENIZED_TASKS = frozenset({"text-classification", "feature-extraction"})
 # Padding of keys other than input_ids in a batch of id lists, as `pad_collate_fn` pads them.
 _LIST_PADDING = {"p_mask": 1, "special_tokens_mask": 1}
-# Tasks the library cannot un-batch across inputs of different lengths (document QA's
-# select_starts_ends fails on mismatched shapes): only equal lengths share a batch.
-_EQUAL_LENGTH_BATCH_TASKS = frozenset({"document-question-answering"})
 
 
 @dataclass(frozen=True)
@@ -108,11 +92,15 @@ def to_json(value: Any) -> Any:
 
 
 class StagedPipeline:
-    """One preloaded pipeline exposed as the stages the batcher calls."""
+    """One preloaded pipeline exposed as the stages the batcher calls: the generic stages of
+    every task; a task that needs more has its adapter (worker/adapters.py)."""
 
     # Inputs by path or inline bytes are prepared on the intake thread, not a prefetch thread:
     # only where preparing one is reading it (the GPU image pipeline's JPEGs), not decoding it.
     reads_inline = False
+    # Where a text's preprocess is exactly one tokenizer call on it: a window of texts is
+    # tokenized in one call (a fast tokenizer encodes a list in parallel, in Rust).
+    window_tokenized = False
 
     def __init__(
         self,
@@ -124,29 +112,14 @@ class StagedPipeline:
         self.pipe = pipe
         self.chunked = isinstance(pipe, ChunkPipeline)
         self.ocr_timeout_s = ocr_timeout_s
-        # Where the pipeline would run Tesseract itself (no timeout there), pipeq runs it; a
-        # processor with its own OCR (LayoutLMv2/v3 apply_ocr) or an OCR-free model keeps its own.
-        self._runs_ocr = (
-            spec.task == "document-question-answering"
-            and pipe.model_type != ModelType.VisionEncoderDecoder
-            and not getattr(pipe.image_processor, "apply_ocr", False)
-        )
         processor = (
             pipe.feature_extractor if pipe.feature_extractor is not None else pipe.image_processor
         )
         self._collate = pad_collate_fn(pipe.tokenizer, processor)
-        self.tokenizes_windows = spec.task in _WINDOW_TOKENIZED_TASKS and bool(
+        self.tokenizes_windows = self.window_tokenized and bool(
             getattr(pipe.tokenizer, "is_fast", False)
         )
         self._postprocess: Any = pipe.postprocess
-        if spec.task == "image-classification":
-            from worker.fast_postprocess import ImageClassificationPostprocess
-
-            self._postprocess = ImageClassificationPostprocess(pipe)
-        elif spec.task == "text-classification":
-            from worker.fast_postprocess import TextClassificationPostprocess
-
-            self._postprocess = TextClassificationPostprocess(pipe)
 
     def call_params(self, params: dict[str, Any]) -> CallParams:
         """Merge the model's default params with the job's and split them per stage. Raises
@@ -243,39 +216,8 @@ class StagedPipeline:
         """`preprocess`, made as it is consumed: a long input's chunks need not all be held."""
         if not self.chunked:
             return iter(self.preprocess(item, call))
-        if self._runs_ocr and "word_boxes" not in item:
-            item = {**item, "word_boxes": self._ocr(item["image"], call)}
         parts: Iterator[ModelInputs] = self.pipe.preprocess(item, **call.preprocess)
         return parts
-
-    def _ocr(self, image: Image.Image, call: CallParams) -> list[tuple[str, list[int]]]:
-        """Words and boxes as the library's `apply_tesseract` makes them (same call, same
-        filtering and normalisation), under a timeout. Language and config are the operator's
-        (models.yaml params), never a job's."""
-        try:
-            data = pytesseract.image_to_data(
-                image,
-                lang=call.preprocess.get("lang"),
-                output_type="dict",
-                config=call.preprocess.get("tesseract_config", ""),
-                timeout=self.ocr_timeout_s,
-            )
-        except RuntimeError as exc:
-            # pytesseract kills the process and raises a bare RuntimeError on timeout.
-            if type(exc) is RuntimeError and "timeout" in str(exc):
-                raise OcrTimeout(
-                    f"OCR did not finish within PIPEQ_OCR_TIMEOUT_S ({self.ocr_timeout_s:g} s); "
-                    "send word_boxes with this document"
-                ) from exc
-            raise
-        width, height = image.size
-        return [
-            (word, normalize_box([x, y, x + w, y + h], width, height))
-            for word, x, y, w, h in zip(
-                data["text"], data["left"], data["top"], data["width"], data["height"], strict=True
-            )
-            if word.strip()
-        ]
 
     def stage_batch(self, batch: Any) -> Any:
         """A collated batch made ready for `forward_batch`, a batch ahead of it (the GPU image
@@ -297,9 +239,6 @@ class StagedPipeline:
             outputs = list(PipelineIterator([output], _same, {}, max(2, len(parts))))
         else:
             outputs = [output]
-        if self.spec.task in _PER_TOKEN_OUTPUT_TASKS:
-            for part, each in zip(parts, outputs, strict=True):
-                self._trim_padding(each, self.part_length(part))
         return outputs
 
     def forward(self, parts: list[ModelInputs], call: CallParams) -> list[Any]:
@@ -307,27 +246,13 @@ class StagedPipeline:
         output = self.forward_batch(self.stage_batch(self.collate([self.pack(parts)])), call)
         return self.unbatch(output, parts, call, batched=len(parts) > 1)
 
-    def _trim_padding(self, output: Any, length: int) -> None:
-        left = self.pipe.tokenizer is not None and self.pipe.tokenizer.padding_side == "left"
-        for key, value in output.items():
-            if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[1] > length:
-                output[key] = value[:, -length:] if left else value[:, :length]
-
     def group_key(self, part: ModelInputs, call: CallParams) -> tuple[Any, ...]:
         """Parts with equal keys may share a forward pass."""
-        key: tuple[Any, ...] = (call.key, tuple(sorted(part)))
-        if self.spec.task in _EQUAL_LENGTH_BATCH_TASKS:
-            key += (self.part_length(part),)
-        return key
+        return (call.key, tuple(sorted(part)))
 
     def postprocess(self, outputs: list[Any], call: CallParams) -> Any:
         model_output = outputs if self.chunked else outputs[0]
-        result = self._postprocess(model_output, **call.postprocess)
-        # TextClassificationPipeline.__call__ wraps one string's answer in a list unless top_k
-        # is given; match pipeline(input) exactly.
-        if self.spec.task == "text-classification" and "top_k" not in call.given:
-            result = [result]
-        return to_json(result)
+        return to_json(self._postprocess(model_output, **call.postprocess))
 
     @staticmethod
     def part_length(part: ModelInputs) -> int:
@@ -337,59 +262,23 @@ class StagedPipeline:
             return len(ids)
         return int(ids.shape[-1]) if isinstance(ids, torch.Tensor) else 0
 
+    def warm_input(self) -> tuple[Any, dict[str, Any]]:
+        """A small input of the model's modality, and params it needs to run at all."""
+        image = Image.new("RGB", (224, 224), (127, 127, 127))
+        if self.spec.modality == "image":
+            return image, {}
+        if self.spec.modality == "audio":
+            return {"raw": np.zeros(16_000, dtype=np.float32), "sampling_rate": 16_000}, {}
+        if self.spec.modality == "document":
+            words = [("warm", (0, 0, 10, 10))]
+            return {"image": image, "question": "what?", "word_boxes": words}, {}
+        return "warm up", {}
+
     def run_one(self, item: Any, params: dict[str, Any]) -> Any:
         """The whole path for one input without batching (warm-up; tests' reference)."""
         call = self.call_params(params)
         parts = self.preprocess(item, call)
         return self.postprocess([self.forward([part], call)[0] for part in parts], call)
-
-
-def warm_input(spec: ModelSpec) -> tuple[Any, dict[str, Any]]:
-    """A small input of the model's modality, and params it needs to run at all."""
-    image = Image.new("RGB", (224, 224), (127, 127, 127))
-    if spec.modality == "image":
-        return image, {}
-    if spec.modality == "audio":
-        return {"raw": np.zeros(16_000, dtype=np.float32), "sampling_rate": 16_000}, {}
-    if spec.modality == "document":
-        return {"image": image, "question": "what?", "word_boxes": [("warm", (0, 0, 10, 10))]}, {}
-    params = {"candidate_labels": ["a", "b"]} if spec.task == "zero-shot-classification" else {}
-    return "warm up", params
-
-
-def _staged_class(spec: ModelSpec) -> type[StagedPipeline]:
-    if not spec.gpu_preprocess:
-        return StagedPipeline
-    if spec.task != "image-classification":
-        raise ConfigError(
-            f"{spec.name}: gpu_preprocess is implemented for image-classification only"
-        )
-    from worker.gpu_images import GpuImagePipeline
-
-    return GpuImagePipeline
-
-
-def load_front(spec: ModelSpec, settings: Settings) -> tuple[StagedPipeline, float]:
-    """A front's half of one model (preprocess, postprocess; no weights) and its load time."""
-    started = time.perf_counter()
-    pipe = load_pipeline(spec, weights=False)
-    staged = _staged_class(spec)(spec, pipe, ocr_timeout_s=settings.ocr_timeout_s)
-    return staged, time.perf_counter() - started
-
-
-def load_staged(spec: ModelSpec, settings: Settings) -> tuple[StagedPipeline, float]:
-    """Load and warm one model; returns it and its load time in seconds."""
-    started = time.perf_counter()
-    staged = _staged_class(spec)(spec, load_pipeline(spec), ocr_timeout_s=settings.ocr_timeout_s)
-    item, params = warm_input(spec)
-    if spec.gpu_preprocess:
-        buffer = io.BytesIO()
-        item.save(buffer, format="JPEG")
-        item = buffer.getvalue()
-    staged.run_one(item, params)
-    elapsed = time.perf_counter() - started
-    log.info("loaded %s (%s) on %s in %.1f s", spec.name, spec.task, staged.pipe.device, elapsed)
-    return staged, elapsed
 
 
 def _same(value: Any) -> Any:

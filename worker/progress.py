@@ -13,7 +13,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
-from producer.jobs import JobProgress
+from pipeq.core.jobs import JobProgress
 
 # A record write per running job per interval: 2/s each is cheap for Redis and fresh enough
 # for a progress bar.

@@ -17,7 +17,7 @@ import numpy as np
 import redis
 from PIL import Image
 
-from config.registry import ModelSpec
+from pipeq.config.registry import ModelSpec
 
 _KEY = "pipeq:cache:"
 MISS = object()

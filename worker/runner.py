@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from config.errors import (
+from pipeq.config.errors import (
     ErrorInfo,
     Expired,
     InputError,
@@ -34,18 +34,26 @@ from config.errors import (
     PipeqError,
     PoisonJob,
 )
-from config.settings import Settings
-from producer.jobs import DataRef, Input, JobDocument, JobMessage, PathRef
-from producer.ledger import QueueLedger
-from producer.records import JobRecords
-from producer.stores import ResultStores
-from worker.batcher import LANE_RANK, PartSink, WorkItem
-from worker.forward_client import BLOCK_ROWS
-from worker.media import MediaLoader
-from worker.metrics import CACHE, EXPIRED, INPUTS, JOBS, QUEUE_WAIT, STAGE_SECONDS, BatchMetrics
-from worker.pipelines import CallParams, StagedPipeline
-from worker.progress import ProgressTracker
-from worker.result_cache import MISS, ResultCache, cache_key
+from pipeq.config.settings import Settings
+from pipeq.core.jobs import DataRef, Input, JobDocument, JobMessage, PathRef
+from pipeq.core.ledger import QueueLedger
+from pipeq.core.records import JobRecords
+from pipeq.core.stores import ResultStores
+from pipeq.worker.batcher import LANE_RANK, PartSink, WorkItem
+from pipeq.worker.forward_client import BLOCK_ROWS
+from pipeq.worker.media import MediaLoader
+from pipeq.worker.metrics import (
+    CACHE,
+    EXPIRED,
+    INPUTS,
+    JOBS,
+    QUEUE_WAIT,
+    STAGE_SECONDS,
+    BatchMetrics,
+)
+from pipeq.worker.pipelines import CallParams, StagedPipeline
+from pipeq.worker.progress import ProgressTracker
+from pipeq.worker.result_cache import MISS, ResultCache, cache_key
 
 log = logging.getLogger(__name__)
 

@@ -27,23 +27,23 @@ from celery.signals import worker_ready
 from celery.utils.nodenames import host_format
 from redis.exceptions import RedisError
 
-from config.celery import LANES, RUN_TASK, make_celery, model_queues, queue_name
-from config.registry import ModelSpec, load_registry
-from config.settings import Settings
-from producer.client import Client as JobClient
-from producer.ledger import QueueLedger, open_ledger
-from producer.records import JobRecords, RedisRecords, open_records
-from worker.engine import JobEngine, drain_step, engine_strategy
-from worker.forward_client import ForwardClient
-from worker.lease import LeaseRenewal
-from worker.media import MediaLoader
-from worker.memory import bound_memory
-from worker.metrics import LOAD_SECONDS, BatchMetrics, serve_metrics
-from worker.pipelines import load_front
-from worker.result_cache import open_cache
-from worker.runner import JobRunner, ServedModel
-from worker.sweeper import LostJobSweeper
-from worker.task_events import BatchedTaskEvents
+from pipeq.config.celery import LANES, RUN_TASK, make_celery, model_queues, queue_name
+from pipeq.config.registry import ModelSpec, load_registry
+from pipeq.config.settings import Settings
+from pipeq.core.ledger import QueueLedger, open_ledger
+from pipeq.core.publish import send_jobs
+from pipeq.core.records import JobRecords, RedisRecords, open_records
+from pipeq.worker.engine import JobEngine, drain_step, engine_strategy
+from pipeq.worker.forward_client import ForwardClient
+from pipeq.worker.lease import LeaseRenewal
+from pipeq.worker.loading import load_front
+from pipeq.worker.media import MediaLoader
+from pipeq.worker.memory import bound_memory
+from pipeq.worker.metrics import LOAD_SECONDS, BatchMetrics, serve_metrics
+from pipeq.worker.result_cache import open_cache
+from pipeq.worker.runner import JobRunner, ServedModel
+from pipeq.worker.sweeper import LostJobSweeper
+from pipeq.worker.task_events import BatchedTaskEvents
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +121,7 @@ def serve(
     engine.start()
     lanes = [(name, lane) for lane in LANES for name in names]
     stop_beating = _beat(runner.ledger, hostname, lanes, served, settings.lease_s / 3)
-    sweeper = _sweeper(
-        settings, runner.records, JobClient(settings, registry=registry, celery=app), lanes
-    )
+    sweeper = _sweeper(settings, runner.records, app, lanes)
 
     @worker_ready.connect(weak=False)
     def announce(sender: Any, **_: Any) -> None:
@@ -155,7 +153,7 @@ def serve(
 
 
 def _sweeper(
-    settings: Settings, records: JobRecords, client: JobClient, lanes: list[tuple[str, str]]
+    settings: Settings, records: JobRecords, app: Celery, lanes: list[tuple[str, str]]
 ) -> LostJobSweeper | None:
     """On a Redis broker, re-publish jobs whose message kombu lost (worker/sweeper.py). Grace: a
     dead worker's unacked jobs come back within a lease and a restore sweep, so a job still queued
@@ -165,9 +163,9 @@ def _sweeper(
     sweeper = LostJobSweeper(
         records,
         redis.Redis.from_url(settings.broker_url or ""),
-        client.send,
+        partial(send_jobs, app),
         lanes,
-        client.celery.conf.broker_transport_options,
+        app.conf.broker_transport_options,
         grace_s=2 * (settings.lease_s + settings.unacked_restore_interval_s),
     )
     return sweeper.start(interval_s=max(1.0, settings.lease_s / 2))

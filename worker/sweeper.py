@@ -4,7 +4,7 @@ kombu takes a message off its queue (BRPOP) and only then records it as unacked
 (`_brpop_read` -> `QoS.append`): a worker killed between the two, or with the reply still unread
 in its socket, loses the message, and its job would stay `queued` forever
 (tests/reliability/test_worker_kill.py lost 2, and once 41, of 2,000 jobs to five SIGKILLs).
-So every job keeps its message in its record while it is queued (producer/records.py), and a
+So every job keeps its message in its record while it is queued (core/records.py), and a
 worker sweeps, for each lane it serves whose queue is empty, the jobs still queued that were
 published more than `grace_s` ago, and publishes them again once it has seen them so at two
 sweeps `grace_s` apart. One sighting is not enough: a job that waited long in a busy queue is
@@ -26,10 +26,10 @@ from typing import Any
 import redis
 from prometheus_client import Counter
 
-from config.celery import queue_name
-from producer.jobs import JobMessage
-from producer.queue_depth import priority_keys
-from producer.records import RedisRecords
+from pipeq.config.celery import queue_name
+from pipeq.core.jobs import JobMessage
+from pipeq.core.queue_depth import priority_keys
+from pipeq.core.records import RedisRecords
 
 log = logging.getLogger(__name__)
 

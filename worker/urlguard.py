@@ -29,7 +29,7 @@ from contextvars import ContextVar
 import httpcore
 import httpx
 
-from config.errors import FetchFailed, UnsafeReference
+from pipeq.config.errors import FetchFailed, UnsafeReference
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], list[IPAddress]]

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from config.settings import Settings
-from producer.client import Client
+from pipeq.config.settings import Settings
+from pipeq.producer.client import Client
 
 
 def free_port() -> int:

@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from producer.api import create_app
-from producer.client import Client
+from pipeq.producer.api import create_app
+from pipeq.producer.client import Client
 
 pytestmark = pytest.mark.reliability
 

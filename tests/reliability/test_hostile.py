@@ -16,10 +16,10 @@ import pytest
 from fastapi.testclient import TestClient
 from kombu import Connection, Queue
 
-from config.celery import RUN_TASK, queue_name
-from config.settings import Settings
-from producer.api import create_app
-from producer.client import Client
+from pipeq.config.celery import RUN_TASK, queue_name
+from pipeq.config.settings import Settings
+from pipeq.producer.api import create_app
+from pipeq.producer.client import Client
 from tests.reliability.conftest import RedisServer
 
 pytestmark = pytest.mark.reliability

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from producer.client import Client
+from pipeq.producer.client import Client
 
 pytestmark = pytest.mark.reliability
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from producer.client import Client
-from producer.jobs import JobDocument
+from pipeq.core.jobs import JobDocument
+from pipeq.producer.client import Client
 from tests.reliability.conftest import RedisServer
 
 pytestmark = pytest.mark.reliability

@@ -23,9 +23,9 @@ import redis
 from fastapi.testclient import TestClient
 from kombu.exceptions import OperationalError
 
-from config.errors import StoreError
-from producer.api import create_app
-from producer.client import Client
+from pipeq.config.errors import StoreError
+from pipeq.producer.api import create_app
+from pipeq.producer.client import Client
 from tests.reliability.conftest import RedisServer, statuses
 
 pytestmark = pytest.mark.reliability

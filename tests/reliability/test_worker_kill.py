@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from producer.client import Client
-from producer.jobs import JobRequest
+from pipeq.core.jobs import JobRequest
+from pipeq.producer.client import Client
 from tests.reliability.conftest import RedisServer, statuses
 
 pytestmark = pytest.mark.reliability

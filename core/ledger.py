@@ -21,9 +21,9 @@ from collections.abc import Iterable, Mapping
 
 import redis
 
-from config.errors import Overloaded
-from config.settings import Settings
-from producer.combine import Combiner
+from pipeq.config.errors import Overloaded
+from pipeq.config.settings import Settings
+from pipeq.core.combine import Combiner
 
 _BACKLOG = "pipeq:backlog"
 _RATE = "pipeq:rate:"

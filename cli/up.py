@@ -11,8 +11,8 @@ import sys
 
 import uvicorn
 
-from config.settings import Settings
-from producer.api import create_app
+from pipeq.config.settings import Settings
+from pipeq.producer.api import create_app
 
 _PR_SET_PDEATHSIG = 1
 
@@ -24,7 +24,7 @@ def _stop_with_parent() -> None:
 
 
 def run_up(settings: Settings, host: str, port: int, gpus: str) -> int:
-    pipeq = [sys.executable, "-m", "producer.cli"]
+    pipeq = [sys.executable, "-m", "pipeq.cli"]
     commands = [[*pipeq, "worker", "--gpus", gpus]]
     if importlib.util.find_spec("flower") is not None:
         commands.append([*pipeq, "flower"])

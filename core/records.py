@@ -16,8 +16,8 @@ from typing import Any, Protocol
 import redis
 from redis.exceptions import NoScriptError
 
-from producer.combine import Combiner
-from producer.jobs import JobDocument
+from pipeq.core.combine import Combiner
+from pipeq.core.jobs import JobDocument
 
 _KEY = "pipeq:job:"
 _DONE = "pipeq:done:"
@@ -121,7 +121,7 @@ class RedisRecords:
         self._ttl_s = ttl_s
         self._cas = self._redis.register_script(_CAS)
         self._create = self._redis.register_script(_CREATE)
-        # Concurrent calls share round trips (producer/combine.py): a worker's job threads
+        # Concurrent calls share round trips (core/combine.py): a worker's job threads
         # read, claim and store their records at the same moments.
         self._gets = Combiner(self.get_many)
         self._transitions = Combiner(self.transition_many)

@@ -19,10 +19,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
-from config.errors import JobNotFound, StoreError
-from config.settings import Settings
-from producer.jobs import JobDocument
-from producer.records import JobRecords
+from pipeq.config.errors import JobNotFound, StoreError
+from pipeq.config.settings import Settings
+from pipeq.core.jobs import JobDocument
+from pipeq.core.records import JobRecords
 
 log = logging.getLogger(__name__)
 

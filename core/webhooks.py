@@ -32,9 +32,9 @@ from celery import Celery
 from pydantic import BaseModel, ConfigDict, Field
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from config.celery import WEBHOOK_QUEUE, WEBHOOK_TASK
-from config.errors import ConfigError, InvalidSignature, JobNotFound
-from producer.jobs import JobDocument
+from pipeq.config.celery import WEBHOOK_QUEUE, WEBHOOK_TASK
+from pipeq.config.errors import ConfigError, InvalidSignature, JobNotFound
+from pipeq.core.jobs import JobDocument
 
 _DEAD_KEY = "pipeq:webhooks:dead"
 

@@ -21,10 +21,10 @@ import soundfile as sf
 from PIL import Image, ImageDraw
 from rich.console import Console
 
-from config.settings import Settings
-from producer.client import Client
-from worker.serve import READY_LINE
-from worker.tiny_models import build_tiny_models, tiny_registry_yaml
+from pipeq.cli.tiny_models import build_tiny_models, tiny_registry_yaml
+from pipeq.config.settings import Settings
+from pipeq.producer.client import Client
+from pipeq.worker.serve import READY_LINE
 
 
 def minilm_entry() -> str:
@@ -98,7 +98,7 @@ def summarize(model: str, output: Any) -> str:
 
 def start_worker(env: dict[str, str]) -> subprocess.Popen[str]:
     worker = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "worker", "--gpus", "auto", "--concurrency", "16"],
+        [sys.executable, "-m", "pipeq.cli", "worker", "--gpus", "auto", "--concurrency", "16"],
         env={**os.environ, **env, "PYTHONUNBUFFERED": "1", "PIPEQ_LOG_LEVEL": "WARNING"},
         stdout=subprocess.PIPE,
         text=True,

@@ -8,26 +8,13 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from config.errors import PipeqError
-from config.settings import Settings
-
-
-def parse_input(text: str) -> Any:
-    """A CLI input: a JSON object as given, a URL or s3:// URI, an existing file, else text."""
-    if text.startswith("{"):
-        return json.loads(text)
-    if text.startswith(("http://", "https://")):
-        return {"url": text}
-    if text.startswith("s3://"):
-        return {"s3": text}
-    if os.path.exists(text):
-        return {"path": str(Path(text).resolve())}
-    return text
+from pipeq.config.errors import PipeqError
+from pipeq.config.settings import Settings
+from pipeq.producer.manifest import parse_input
 
 
 def parse_param(pair: str) -> tuple[str, Any]:
@@ -42,7 +29,7 @@ def parse_param(pair: str) -> tuple[str, Any]:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from producer.client import Client
+    from pipeq.producer.client import Client
 
     client = Client()
     job_id = client.submit(
@@ -60,8 +47,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_backfill(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from producer.backfill import backfill
-    from producer.client import Client
+    from pipeq.producer.backfill import backfill
+    from pipeq.producer.client import Client
 
     try:
         summary = backfill(
@@ -107,7 +94,7 @@ def _positive(text: str) -> int:
 
 
 def cmd_models(_: argparse.Namespace) -> int:
-    from config.registry import load_registry
+    from pipeq.config.registry import load_registry
 
     registry = load_registry(Settings().models)
     print(json.dumps({name: spec.public() for name, spec in registry.models.items()}, indent=2))
@@ -117,23 +104,23 @@ def cmd_models(_: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from producer.api import create_app
+    from pipeq.producer.api import create_app
 
     uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from worker.launch import plan_workers, supervise, visible_gpus
+    from pipeq.worker.launch import plan_workers, supervise, visible_gpus
 
     settings = Settings()
     models = args.models.split(",") if args.models else None
     if args.role == "forward":
-        from worker.forward_server import serve_forward
+        from pipeq.worker.forward_server import serve_forward
 
         return serve_forward(settings, models, args.socket)
     if args.role == "front":
-        from worker.serve import serve
+        from pipeq.worker.serve import serve
 
         return serve(
             settings, models, args.name, args.concurrency, settings.metrics_port, args.socket
@@ -157,39 +144,39 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from producer.up import run_up
+    from pipeq.cli.up import run_up
 
     return run_up(Settings(), args.host, args.port, args.gpus)
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
-    from producer.flower import run_flower
+    from pipeq.cli.flower import run_flower
 
     return run_flower(Settings(), args.port)
 
 
 def cmd_gradio(args: argparse.Namespace) -> int:
-    from producer.client import Client
-    from producer.gradio_app import launch_page
+    from pipeq.producer.client import Client
+    from pipeq.producer.gradio_app import launch_page
 
     launch_page(Client(), args.model, args.host, args.port)
     return 0
 
 
 def cmd_demo(_: argparse.Namespace) -> int:
-    from worker.demo import run_demo
+    from pipeq.cli.demo import run_demo
 
     return run_demo(Settings())
 
 
 def cmd_webhooks_worker(args: argparse.Namespace) -> int:
-    from worker.callbacks import serve_webhooks
+    from pipeq.worker.callbacks import serve_webhooks
 
     return serve_webhooks(Settings(), args.concurrency)
 
 
 def cmd_webhooks_failed(_: argparse.Namespace) -> int:
-    from producer.webhooks import DeadLetters
+    from pipeq.core.webhooks import DeadLetters
 
     for letter in DeadLetters(Settings().effective_result_url).list():
         delivery = letter.delivery
@@ -209,8 +196,8 @@ def cmd_webhooks_failed(_: argparse.Namespace) -> int:
 
 
 def cmd_webhooks_replay(args: argparse.Namespace) -> int:
-    from config.celery import make_celery
-    from producer.webhooks import DeadLetters
+    from pipeq.config.celery import make_celery
+    from pipeq.core.webhooks import DeadLetters
 
     settings = Settings()
     dead, celery = DeadLetters(settings.effective_result_url), make_celery(settings)
@@ -336,7 +323,3 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"pipeq: invalid settings (PIPEQ_* environment): {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

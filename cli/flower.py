@@ -14,10 +14,10 @@ import importlib.util
 import logging
 import os
 
-from config.celery import make_celery, model_queues
-from config.errors import ConfigError
-from config.registry import load_registry
-from config.settings import Settings
+from pipeq.config.celery import make_celery, model_queues
+from pipeq.config.errors import ConfigError
+from pipeq.config.registry import load_registry
+from pipeq.config.settings import Settings
 
 log = logging.getLogger(__name__)
 

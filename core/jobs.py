@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from config.errors import ErrorInfo
+from pipeq.config.errors import ErrorInfo
 
 Lane = Literal["interactive", "bulk"]
 Status = Literal["queued", "running", "succeeded", "failed", "expired", "cancelled"]

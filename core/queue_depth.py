@@ -15,18 +15,15 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from config.celery import LANES, queue_name
-from producer.ledger import QueueLedger
-from producer.records import JobRecords
-
-if TYPE_CHECKING:
-    from producer.client import Client
+from pipeq.config.celery import LANES, queue_name
+from pipeq.core.ledger import QueueLedger
+from pipeq.core.records import JobRecords
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +140,18 @@ class QueueDepthCollector(Collector):
         return None if submitted is None else max(0.0, now - submitted)
 
 
-def register_queue_depth(metrics: CollectorRegistry, client: Client) -> None:
+def register_queue_depth(
+    metrics: CollectorRegistry,
+    broker_url: str | None,
+    options: Mapping[str, Any],
+    models: Iterable[str],
+    records: JobRecords,
+    ledger: QueueLedger | None,
+) -> None:
     """Add the queue series to the API's registry where the broker is Redis; the embedded
     filesystem broker and AMQP get none."""
-    url = client.settings.broker_url
-    if not url or not url.startswith(("redis://", "rediss://")):
+    if not broker_url or not broker_url.startswith(("redis://", "rediss://")):
         return
     # A short timeout: a scrape must answer before Prometheus gives up on it (10 s by default).
-    broker = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-    options = client.celery.conf.broker_transport_options
-    metrics.register(
-        QueueDepthCollector(broker, options, client.registry.models, client.records, client.ledger)
-    )
+    broker = redis.Redis.from_url(broker_url, socket_timeout=2, socket_connect_timeout=2)
+    metrics.register(QueueDepthCollector(broker, options, models, records, ledger))

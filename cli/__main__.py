@@ -1,0 +1,3 @@
+from pipeq.cli.main import main
+
+raise SystemExit(main())
