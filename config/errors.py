@@ -2,13 +2,18 @@
 
     PipeqError
     ├── ConfigError               settings or models.yaml are invalid (start-up)
-    ├── JobError                  a job as a whole cannot be accepted or found
-    │   ├── UnknownModel          the job names a model the registry does not hold
-    │   ├── JobNotFound           no job with this id (never existed, or its TTL ran out)
+    ├── JobError                  a job as a whole cannot be accepted or found (HTTP status)
+    │   ├── Unauthorized          the API key is missing or wrong                          (401)
+    │   ├── InvalidRequest        not JSON, or not of the job schema                       (422)
+    │   ├── UnknownModel          the job names a model the registry does not hold         (404)
+    │   ├── JobNotFound           no job with this id (never existed, or its TTL ran out)  (404)
     │   ├── JobConflict           the id exists with another body, or the job cannot change state
-    │   ├── PayloadTooLarge       inline data, a text or a request body over its cap
+    │   │                                                                                  (409)
+    │   ├── PayloadTooLarge       inline data, a text or a request body over its cap       (413)
     │   ├── InvalidParams         a call param outside the task's allow-list (config/params.py)
-    │   └── Overloaded            the model's lane is over PIPEQ_MAX_BACKLOG or too slow for the deadline
+    │   │                                                                                  (422)
+    │   └── Overloaded            the model's lane is over PIPEQ_MAX_BACKLOG or too slow for the
+    │                             deadline                                                 (429)
     ├── InputError                one input failed; the job's other inputs go on
     │   ├── MediaError            a media reference could not be read
     │   │   ├── MediaNotFound     missing file, 404, no such S3 key
@@ -24,11 +29,14 @@
     │   ├── OutOfMemory           preparing the input passed the worker's memory bound
     │   ├── PoisonJob             the job's workers died on each of its PIPEQ_MAX_DELIVERIES runs
     │   └── Expired               the input was not started before the job's deadline
-    ├── StoreError                a result could not be written to or read back from S3
+    ├── StoreError                a result could not be written to or read back from S3; the
+    │                             broker or record store unreachable                      (503)
     └── WebhookError              webhooks: delivery set-up or verification
         └── InvalidSignature      a received webhook is unsigned, forged, tampered with or stale
 
-Per-input errors cross the wire as JSON (`ErrorInfo`: type, message, retryable), never pickled.
+Per-input errors cross the wire as JSON (`ErrorInfo`: type, message, retryable), never pickled;
+so does every error response of the HTTP API, as `{"error": ErrorInfo}` with the class's
+`http_status` (500 for the others).
 """
 
 from __future__ import annotations
@@ -47,9 +55,12 @@ class ErrorInfo(BaseModel):
 
 
 class PipeqError(Exception):
-    """Root of every error pipeq raises on purpose."""
+    """Root of every error pipeq raises on purpose. `http_status` is what the HTTP API answers
+    for it, `retry_after_s` (where set) its Retry-After."""
 
     retryable = False
+    http_status = 500
+    retry_after_s: float | None = None
 
     def to_info(self) -> ErrorInfo:
         return ErrorInfo(type=type(self).__name__, message=str(self), retryable=self.retryable)
@@ -63,31 +74,54 @@ class JobError(PipeqError):
     """A job as a whole cannot be accepted or found."""
 
 
+class Unauthorized(JobError):
+    """The API key is missing or wrong."""
+
+    http_status = 401
+
+
+class InvalidRequest(JobError):
+    """The request is malformed: not JSON, or not of the job schema."""
+
+    http_status = 422
+
+
 class UnknownModel(JobError):
     """The job names a model the registry does not hold."""
+
+    http_status = 404
 
 
 class JobNotFound(JobError):
     """No job with this id."""
 
+    http_status = 404
+
 
 class JobConflict(JobError):
     """The id is taken by another body, or the job is past the state the call needs."""
+
+    http_status = 409
 
 
 class PayloadTooLarge(JobError):
     """Inline data over PIPEQ_MAX_MEDIA_BYTES, a text over PIPEQ_MAX_TEXT_CHARS, or a request
     body over PIPEQ_MAX_REQUEST_BYTES."""
 
+    http_status = 413
+
 
 class InvalidParams(JobError):
     """A call param the task does not accept, of the wrong type, or out of its range."""
+
+    http_status = 422
 
 
 class Overloaded(JobError):
     """The model's lane holds too much work to take this job now; retry after `retry_after_s`."""
 
     retryable = True
+    http_status = 429
 
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
@@ -162,9 +196,12 @@ class Expired(InputError):
 
 
 class StoreError(PipeqError):
-    """A result could not be written to, or read back from, its store (S3)."""
+    """A result could not be written to, or read back from, its store (S3); for the API, the
+    broker or the result store is unreachable."""
 
     retryable = True
+    http_status = 503
+    retry_after_s = 5
 
 
 class WebhookError(PipeqError):

@@ -11,6 +11,8 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pipeq.config.errors import PayloadTooLarge
+
 
 class BodyLimit:
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -42,8 +44,10 @@ class BodyLimit:
         await self.app(scope, _replay(b"".join(chunks), receive), send)
 
     async def _refuse(self, send: Send) -> None:
-        error = f"request body is over PIPEQ_MAX_REQUEST_BYTES ({self.max_bytes} bytes)"
-        body = json.dumps({"error": error}).encode()
+        error = PayloadTooLarge(
+            f"request body is over PIPEQ_MAX_REQUEST_BYTES ({self.max_bytes} bytes)"
+        )
+        body = json.dumps({"error": error.to_info().model_dump()}).encode()
         await send(
             {
                 "type": "http.response.start",

@@ -92,7 +92,7 @@ def test_flood_over_backlog_gets_429_and_loses_nothing(fresh: Settings, start_wo
     assert len(accepted) == 3  # 3, 6, 9 queued; the 4th would make 12 > 10
     assert refused and all(r.status_code == 429 for r in refused)
     assert int(refused[0].headers["Retry-After"]) >= 1
-    assert "PIPEQ_MAX_BACKLOG" in refused[0].json()["error"]
+    assert "PIPEQ_MAX_BACKLOG" in refused[0].json()["error"]["message"]
     with pytest.raises(Overloaded) as raised:
         client.submit(MODEL, ["x"] * 3)
     assert raised.value.retry_after_s >= 1

@@ -81,7 +81,11 @@ def test_submit_and_long_poll(api: httpx.Client) -> None:
 def test_malformed_bodies_are_422(api: httpx.Client, body: dict[str, Any]) -> None:
     response = api.post("/v1/jobs", json=body)
     assert response.status_code == 422, response.text
-    assert response.json()["error"] == "invalid request"
+    assert response.json()["error"] == {
+        "type": "InvalidRequest",
+        "message": "invalid request",
+        "retryable": False,
+    }
 
 
 def test_not_json_is_422(api: httpx.Client) -> None:
@@ -93,7 +97,7 @@ def test_not_json_is_422(api: httpx.Client) -> None:
 
 def test_unknown_model_and_job_are_404(api: httpx.Client) -> None:
     response = api.post("/v1/jobs", json={"model": "nope", "inputs": ["x"]})
-    assert response.status_code == 404 and "nope" in response.json()["error"]
+    assert response.status_code == 404 and "nope" in response.json()["error"]["message"]
     assert api.get("/v1/jobs/does-not-exist").status_code == 404
     assert api.delete("/v1/jobs/does-not-exist").status_code == 404
 
@@ -126,6 +130,52 @@ def test_cancel_queued_job(idle_api: httpx.Client) -> None:
     assert idle_api.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
 
 
+def test_every_error_has_one_body(settings: Settings) -> None:
+    """401, 404 (job, model, route), 409, 413, 422 and 429: `{"error": {type, message,
+    retryable}}` with the status of the error's class."""
+    keyed = Client(
+        settings.model_copy(
+            update={"api_keys": ["k"], "broker_url": settings.broker_url.rsplit("/", 1)[0] + "/12"}
+        )
+    )
+    auth = {"X-API-Key": "k"}
+    blob = base64.b64encode(b"\0" * (settings.max_media_bytes + 1)).decode()
+    job = {"model": "tiny-sentiment", "inputs": ["x"], "id": "one-body"}
+    for http in serve(keyed):
+        http.post("/v1/jobs", json=job, headers=auth)
+        answers = {
+            "Unauthorized": http.get("/v1/models"),
+            "JobNotFound": http.get("/v1/jobs/nothing-here", headers=auth),
+            "UnknownModel": http.post("/v1/jobs", json={**job, "model": "nope"}, headers=auth),
+            "NotFound": http.get("/v2/nothing", headers=auth),
+            "JobConflict": http.post("/v1/jobs", json={**job, "inputs": ["y"]}, headers=auth),
+            "PayloadTooLarge": http.post(
+                "/v1/jobs",
+                json={"model": "tiny-vit", "inputs": [{"data": blob, "mime": "image/png"}]},
+                headers=auth,
+            ),
+            "InvalidRequest": http.post("/v1/jobs", content=b"{", headers=auth),
+            "InvalidParams": http.post(
+                "/v1/jobs", json={**job, "id": None, "params": {"top_kk": 1}}, headers=auth
+            ),
+        }
+    statuses = {
+        "Unauthorized": 401,
+        "JobNotFound": 404,
+        "UnknownModel": 404,
+        "NotFound": 404,
+        "JobConflict": 409,
+        "PayloadTooLarge": 413,
+        "InvalidRequest": 422,
+        "InvalidParams": 422,
+    }
+    for kind, answer in answers.items():
+        assert answer.status_code == statuses[kind], (kind, answer.text)
+        error = answer.json()["error"]
+        assert set(error) == {"type", "message", "retryable"} and error["type"] == kind
+        assert error["message"] and error["retryable"] is False
+
+
 def test_models_health_metrics(api: httpx.Client) -> None:
     models = api.get("/v1/models").json()
     assert models["tiny-vit"]["task"] == "image-classification"
@@ -148,4 +198,6 @@ def test_api_keys(settings: Settings) -> None:
         assert http.get("/v1/models", headers={"X-API-Key": "s3cret"}).status_code == 200
         assert http.get("/healthz").status_code == 200
         assert http.get("/openapi.json").status_code == 200
-        assert http.get("/v1/models").json()["error"].startswith("missing or wrong API key")
+        assert (
+            http.get("/v1/models").json()["error"]["message"].startswith("missing or wrong API key")
+        )

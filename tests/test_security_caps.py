@@ -419,7 +419,7 @@ def test_declared_body_over_the_cap_is_413_before_it_is_sent(small_body_api: int
         sock.sendall(_request_head(small_body_api, f"Content-Length: {64 * MIB}"))
         status, body = _answer(sock)
     assert status == 413
-    assert "PIPEQ_MAX_REQUEST_BYTES" in body["error"]
+    assert "PIPEQ_MAX_REQUEST_BYTES" in body["error"]["message"]
 
 
 def test_chunked_body_over_the_cap_is_413_once_it_passes(small_body_api: int) -> None:
@@ -431,7 +431,7 @@ def test_chunked_body_over_the_cap_is_413_once_it_passes(small_body_api: int) ->
             sock.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
         status, body = _answer(sock)
     assert status == 413
-    assert "PIPEQ_MAX_REQUEST_BYTES" in body["error"]
+    assert "PIPEQ_MAX_REQUEST_BYTES" in body["error"]["message"]
 
 
 def test_bodies_within_the_cap_still_work(small_body_api: int) -> None:
@@ -458,4 +458,4 @@ def test_text_over_the_cap_is_413_over_http(settings: Settings) -> None:
     ):
         answer = http.post("/v1/jobs", json=job)
     assert answer.status_code == 413, answer.text[:300]
-    assert "PIPEQ_MAX_TEXT_CHARS" in answer.json()["error"]
+    assert "PIPEQ_MAX_TEXT_CHARS" in answer.json()["error"]["message"]

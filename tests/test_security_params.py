@@ -83,7 +83,7 @@ def test_api_refuses_params_outside_the_allow_list(
     body = {"model": model, "inputs": ["x"], "params": params, "id": job_id}
     answer = api.post("/v1/jobs", json=body)
     assert answer.status_code == 422, answer.text
-    assert named in answer.json()["error"]
+    assert named in answer.json()["error"]["message"]
     with pytest.raises(JobNotFound):
         client.get(job_id)  # nothing was recorded or queued
 

@@ -116,9 +116,9 @@ def test_another_keys_job_is_a_404_like_one_that_never_existed(api: httpx.Client
     ):
         assert response.status_code == 404, response.text
         assert "alice-token" not in response.text and "queued" not in response.text
-        error = response.json()["error"]
-        assert error.replace(response.url.path.rsplit("/", 1)[1], "ID") == missing.json()[
-            "error"
+        error = response.json()["error"]["message"]
+        assert error.replace(response.url.path.rsplit("/", 1)[1], "ID") == missing.json()["error"][
+            "message"
         ].replace("no-such-job", "ID")
 
     mine = api.get("/v1/jobs/alices-job", headers=_as(KEY_A))
@@ -175,7 +175,7 @@ def test_another_keys_id_is_free_and_a_conflict_shows_no_job(api: httpx.Client) 
         "/v1/jobs", json={**alice, "inputs": ["something else"]}, headers=_as(KEY_A)
     )
     assert conflict.status_code == 409
-    assert set(conflict.json()) == {"error"} and "taken" in conflict.json()["error"]
+    assert set(conflict.json()) == {"error"} and "taken" in conflict.json()["error"]["message"]
     for leaked in ("alice-secret-token", "alice's", "queued", owner_of(KEY_A)):
         assert leaked not in conflict.text
 

@@ -1,0 +1,90 @@
+"""One error body on the wire: every error response of the API is `{"error": {type, message,
+retryable}}` with the status of the error's class (`PipeqError.http_status`), from one handler."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError
+from pydantic import BaseModel
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException
+
+from pipeq.config.errors import ErrorInfo, InvalidRequest, PipeqError, StoreError
+
+
+class ErrorBody(BaseModel):
+    """An error response: the error, which fields failed validation (422), and, for a cancel
+    that came too late (409), the job as it is."""
+
+    error: ErrorInfo
+    detail: list[dict[str, Any]] | None = None
+    job: dict[str, Any] | None = None
+
+
+# What each route may answer besides its success, for the OpenAPI document.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in {
+        401: "Missing or wrong API key",
+        404: "Unknown model, or no job of this API key's with that id",
+        409: "Id reused with another body, or job past cancelling",
+        413: "Inline data over PIPEQ_MAX_MEDIA_BYTES, a text over PIPEQ_MAX_TEXT_CHARS or a "
+        "body over PIPEQ_MAX_REQUEST_BYTES",
+        422: "Malformed request, or a param the model's task does not accept",
+        429: "The model's lane is over PIPEQ_MAX_BACKLOG or slower than deadline_s; see "
+        "Retry-After",
+        503: "Broker or result store unavailable",
+    }.items()
+}
+
+
+def error_response(exc: PipeqError, **extra: Any) -> JSONResponse:
+    body = ErrorBody(error=exc.to_info(), **extra)
+    headers = None if exc.retry_after_s is None else {"Retry-After": f"{exc.retry_after_s:g}"}
+    return JSONResponse(
+        body.model_dump(mode="json", exclude_none=True),
+        status_code=exc.http_status,
+        headers=headers,
+    )
+
+
+async def _pipeq_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, PipeqError)
+    return error_response(exc)
+
+
+async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
+    return error_response(StoreError(f"broker or result store unavailable: {exc}"))
+
+
+async def _invalid(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    detail = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+    return error_response(InvalidRequest("invalid request"), detail=detail)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    # FastAPI answers a body its JSON parser gives up on (nesting past the recursion limit)
+    # with a bare 400; the contract says a malformed request is a 422.
+    if exc.status_code == 400:
+        return error_response(InvalidRequest(str(exc.detail)))
+    name = HTTPStatus(exc.status_code).phrase.title().replace(" ", "").replace("-", "")
+    info = ErrorInfo(type=name, message=str(exc.detail))
+    return JSONResponse(
+        {"error": info.model_dump()}, status_code=exc.status_code, headers=exc.headers
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(PipeqError, _pipeq_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http_error)
+    for unreachable in (OperationalError, RedisConnectionError, RedisTimeoutError):
+        app.add_exception_handler(unreachable, _unavailable)
