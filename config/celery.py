@@ -31,7 +31,7 @@ def model_queues(models: list[str]) -> list[Queue]:
 
 
 def is_amqp(url: str | None) -> bool:
-    return bool(url) and url.split("://", 1)[0] in ("amqp", "amqps", "pyamqp")
+    return url is not None and url.split("://", 1)[0] in ("amqp", "amqps", "pyamqp")
 
 
 def quorum_queue(name: str) -> Queue:

@@ -122,6 +122,7 @@ class Overloaded(JobError):
 
     retryable = True
     http_status = 429
+    retry_after_s: float
 
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)

@@ -30,9 +30,12 @@ import time
 from typing import Any
 
 import redis
-from kombu.transport import redis as kombu_redis
+from kombu.transport import redis as _kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import loads
+
+# Its stubs (celery-types) leave out the Channel and QoS internals this transport extends.
+kombu_redis: Any = _kombu_redis
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +97,7 @@ return out
 )
 
 
-class QoS(kombu_redis.QoS):
+class QoS(kombu_redis.QoS):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._acks: list[str] = []
@@ -146,7 +149,7 @@ class QoS(kombu_redis.QoS):
         super().restore_unacked(client)
 
 
-class Channel(kombu_redis.Channel):
+class Channel(kombu_redis.Channel):  # type: ignore[misc]
     QoS = QoS
     _shared_client: Any = None
 
@@ -222,5 +225,5 @@ def _envelope(raw: bytes) -> Any:
     return payload
 
 
-class Transport(kombu_redis.Transport):
+class Transport(kombu_redis.Transport):  # type: ignore[misc]
     Channel = Channel

@@ -128,12 +128,14 @@ def text_chars(item: Input) -> int:
     return 0
 
 
+WebhookEvent = Literal["succeeded", "failed", "expired", "cancelled"]
+DEFAULT_WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("succeeded", "failed")
+
+
 class Webhook(BaseModel):
     model_config = _STRICT
     url: str
-    events: list[Literal["succeeded", "failed", "expired", "cancelled"]] = Field(
-        default_factory=lambda: ["succeeded", "failed"]
-    )
+    events: list[WebhookEvent] = Field(default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS))
 
     @field_validator("url")
     @classmethod

@@ -11,7 +11,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import redis
 from redis.exceptions import NoScriptError
@@ -154,8 +154,9 @@ class RedisRecords:
 
     def stale_pending(self, model: str, lane: str, before: float, limit: int) -> list[str]:
         """Ids of jobs still queued that were last published before `before`."""
-        ids = self._redis.zrangebyscore(
-            pending_key(model, lane), "-inf", before, start=0, num=limit
+        ids = cast(
+            list[bytes],
+            self._redis.zrangebyscore(pending_key(model, lane), "-inf", before, start=0, num=limit),
         )
         return [job_id.decode() for job_id in ids]
 
@@ -252,10 +253,11 @@ class RedisRecords:
         holds a `Script` asks SCRIPT EXISTS first, a second round trip per batch. A server that
         lost its scripts (restarted) refuses every call of the batch, and it runs again."""
         try:
-            return self._cas_pipeline(calls).execute()
+            answers: list[Any] = self._cas_pipeline(calls).execute()
         except NoScriptError:
             self._cas.sha = self._redis.script_load(_CAS)
-            return self._cas_pipeline(calls).execute()
+            answers = self._cas_pipeline(calls).execute()
+        return answers
 
     def _cas_pipeline(self, calls: list[tuple[list[str], list[Any]]]) -> Any:
         pipe = self._redis.pipeline(transaction=False)

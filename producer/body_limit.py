@@ -66,7 +66,7 @@ class BodyLimit:
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key.lower() == name:
-            return value.decode("latin-1").strip()
+            return str(value.decode("latin-1")).strip()
     return None
 
 

@@ -211,7 +211,8 @@ def build_app(client: Client, model: str, timeout_s: float = JOB_TIMEOUT_S) -> g
             f"unknown model {model!r}; this service has {', '.join(client.registry.models)}"
         )
     view = VIEWS[spec.task]
-    with gr.Blocks(title=f"pipeq: {model}", analytics_enabled=False) as app:
+    app = gr.Blocks(title=f"pipeq: {model}", analytics_enabled=False)
+    with app:
         gr.Markdown(f"## {model}\n{spec.task}, run on pipeq's workers")
         with gr.Row():
             with gr.Column():

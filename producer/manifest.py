@@ -162,7 +162,7 @@ def count_entries(source: str) -> int | None:
 
 def s3_client(endpoint_url: str | None) -> Any:
     try:
-        import boto3  # type: ignore[import-untyped]
+        import boto3
     except ImportError as exc:
         raise ValueError("S3 manifests and outputs need boto3: pip install boto3") from exc
     return boto3.client("s3", endpoint_url=endpoint_url)

@@ -72,7 +72,9 @@ class DocumentQuestionAnswering(StagedPipeline):
         super().__init__(spec, pipe, **kwargs)
         # Where the pipeline would run Tesseract itself (no timeout there), pipeq runs it; a
         # processor with its own OCR (LayoutLMv2/v3 apply_ocr) or an OCR-free model keeps its own.
-        self._runs_ocr = pipe.model_type != ModelType.VisionEncoderDecoder and not getattr(
+        self._runs_ocr = getattr(
+            pipe, "model_type", None
+        ) != ModelType.VisionEncoderDecoder and not getattr(
             pipe.image_processor, "apply_ocr", False
         )
 

@@ -78,6 +78,8 @@ class PartSink(Protocol):
     """Where a job's prepared parts go: a `Batcher` where the model is held, a
     `ForwardClient` in a front (worker/forward_client.py)."""
 
+    max_batch_size: int
+
     def submit(self, items: list[WorkItem]) -> None: ...
 
     def stop(self) -> None: ...

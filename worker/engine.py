@@ -138,9 +138,9 @@ class JobEngine:
             elif deliveries:
                 self._begin(deliveries)
             if stop:
-                for delivery in _take_all(self._inbox):
-                    if delivery is not None:
-                        self._settle(delivery, requeue=True)
+                for left in _take_all(self._inbox):
+                    if left is not None:
+                        self._settle(left, requeue=True)
                 return
 
     def _begin(self, deliveries: list[Delivery]) -> None:
@@ -201,7 +201,9 @@ class JobEngine:
         """A job whose window failed to store: stored alone, or its message goes back to the
         queue (its delivery count makes a job that always fails a poison job in the end)."""
         try:
-            (record,) = self._retrying("store", partial(self.runner.store, [run], [doc]), False)
+            stored = self._retrying("store", partial(self.runner.store, [run], [doc]), False)
+            assert stored is not None  # without give_up it returns or raises
+            (record,) = stored
         except Exception:  # noqa: BLE001 - as above, for this job alone
             log.exception("the result of job %s could not be stored", run.job.id)
             self._settle(run.delivery, requeue=True)

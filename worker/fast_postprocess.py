@@ -10,7 +10,7 @@ with ties in label order (Python's stable sort, as the library's `list.sort(reve
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -21,7 +21,9 @@ from transformers.pipelines.image_classification import ClassificationFunction, 
 class _Classification:
     def __init__(self, pipe: Pipeline) -> None:
         config = pipe.model.config
-        self._labels = [config.id2label[i] for i in range(config.num_labels)]
+        # A loaded config's id2label has int keys, one per label.
+        id2label = cast(dict[int, str], config.id2label)
+        self._labels = [id2label[i] for i in range(len(id2label))]
         self._default_function = self._resolve_default(config)
 
     @staticmethod
@@ -42,7 +44,7 @@ class _Classification:
         logits = model_outputs["logits"][0]
         if logits.dtype in (torch.bfloat16, torch.float16):
             logits = logits.to(torch.float32)
-        outputs = logits.numpy()
+        outputs: np.ndarray = logits.numpy()
         if function == ClassificationFunction.SIGMOID:
             return sigmoid(outputs)  # type: ignore[no-any-return]
         if function == ClassificationFunction.SOFTMAX:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from transformers import BatchEncoding
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.utils import ModelOutput
+from transformers.utils.generic import ModelOutput
 
 _HEAD = struct.Struct("!I")  # header size
 

@@ -132,8 +132,13 @@ class GpuImagePipeline(ImageClassification):
         for i, part in enumerate(parts):
             if "pixels" in part:
                 images[i] = part["pixels"].to(device, non_blocking=True)
-        inputs = self.pipe.image_processor(images=images, return_tensors="pt", device=device)
-        return inputs["pixel_values"].to(self.pipe.dtype)
+        ready = [image for image in images if image is not None]
+        assert len(ready) == len(parts)  # each part is a JPEG or pixels
+        processor = self.pipe.image_processor
+        assert processor is not None  # checked at __init__
+        inputs = processor(images=ready, return_tensors="pt", device=device)
+        pixel_values: torch.Tensor = inputs["pixel_values"].to(self.pipe.dtype)
+        return pixel_values
 
     def forward_batch(self, batch: Any, call: CallParams) -> Any:
         """Each image's top k, copied to pinned host memory without waiting for the GPU (the
@@ -144,7 +149,8 @@ class GpuImagePipeline(ImageClassification):
 
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self.pipe.model(pixel_values=pixel_values).logits
+            logits: torch.Tensor = self.pipe.model(pixel_values=pixel_values).logits
+            return logits
 
     def unbatch(
         self, output: Any, parts: list[ModelInputs], call: CallParams, batched: bool

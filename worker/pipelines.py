@@ -10,7 +10,7 @@ import json
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -152,6 +152,7 @@ class StagedPipeline:
         the same ids as one call per text, since nothing is padded. Each text's inputs are
         int64 arrays, not tensors: they cross to the forward process as raw bytes, and `forward`
         pads a batch of them into one tensor per key (`_pad_lists`)."""
+        assert self.pipe.tokenizer is not None  # a window-tokenized task has one
         encoded = self.pipe.tokenizer(texts, **call.preprocess)
         keys = list(encoded.keys())
         return [
@@ -191,6 +192,7 @@ class StagedPipeline:
         id arrays in one scatter per key: the same values, padding and side. A batch of several
         is padded to a multiple of 8 columns (tensor cores' tile; pads are masked out)."""
         tokenizer = self.pipe.tokenizer
+        assert tokenizer is not None  # only window-tokenized texts are joined
         lengths = np.concatenate([np.frombuffer(pack["lengths"], dtype=np.int64) for pack in packs])
         longest = int(lengths.max())
         if len(lengths) > 1:
@@ -216,8 +218,8 @@ class StagedPipeline:
         """`preprocess`, made as it is consumed: a long input's chunks need not all be held."""
         if not self.chunked:
             return iter(self.preprocess(item, call))
-        parts: Iterator[ModelInputs] = self.pipe.preprocess(item, **call.preprocess)
-        return parts
+        # A ChunkPipeline's preprocess is a generator of parts (typed as the plain pipeline's).
+        return cast(Iterator[ModelInputs], self.pipe.preprocess(item, **call.preprocess))
 
     def stage_batch(self, batch: Any) -> Any:
         """A collated batch made ready for `forward_batch`, a batch ahead of it (the GPU image

@@ -229,8 +229,8 @@ class JobRunner:
             current = held[job.id]
             if current is None:
                 # No record (its TTL ran out while queued, or published by hand): keep a fresh one.
-                claims[index] = _running(job, worker, started, deliveries=1)
-                fresh.append(claims[index])
+                claims[index] = first = _running(job, worker, started, deliveries=1)
+                fresh.append(first)
             elif current.status in ("queued", "running"):
                 # A `running` record is a dead worker's: a live one's lease keeps its message from
                 # coming back. The count is compare-and-set, so of two copies claiming at once one
@@ -277,7 +277,7 @@ class JobRunner:
 
     def publish_progress(self, runs: list[JobRun]) -> None:
         """Write the progress of those `runs` whose counts changed, in one round trip."""
-        changes = []
+        changes: list[tuple[JobDocument, tuple[str, ...], int | None]] = []
         for run in runs:
             progress = run.progress.changed()
             if progress is not None:
@@ -627,7 +627,7 @@ def _feed(
                 began = time.perf_counter()
                 window.acquire()
                 waited_s += time.perf_counter() - began
-            work.future.add_done_callback(lambda _, window=window: window.release())
+            work.future.add_done_callback(partial(_release, window))
         ready.append(work)
         if len(ready) >= limit:
             flush()
@@ -684,3 +684,7 @@ def _poisoned(job: JobMessage, deliveries: int) -> PoisonJob:
 
 def _final_status(errors: list[ErrorInfo | None]) -> str:
     return "expired" if all(e is not None and e.type == "Expired" for e in errors) else "failed"
+
+
+def _release(window: threading.Semaphore, _: Future[Any]) -> None:
+    window.release()
