@@ -18,12 +18,12 @@ from transformers import pipeline
 from pipeq.config.errors import ModelError
 from pipeq.config.registry import ModelSpec
 from pipeq.worker.batcher import WorkItem, take_batch
+from pipeq.worker.feeding import work_item
 from pipeq.worker.forward_client import ForwardClient
 from pipeq.worker.forward_server import BlockStages, ForwardModel, ForwardServer, _Reports
 from pipeq.worker.forward_wire import decode, encode
 from pipeq.worker.loading import adapter_for
 from pipeq.worker.pipelines import StagedPipeline
-from pipeq.worker.runner import _work_item
 
 TEXTS = ["fine", "a long and winding review of a film " * 3, "", "bad bad", "ok then"]
 
@@ -124,7 +124,7 @@ def test_a_part_that_fails_in_forward_fails_alone(
     futures: list[tuple[str, Future[Any]]] = []
     for front, batch in zip(fronts, texts, strict=True):
         items = [
-            _work_item(staged, call, 1, None, part) for part in staged.preprocess_texts(batch, call)
+            work_item(staged, call, 1, None, part) for part in staged.preprocess_texts(batch, call)
         ]
         futures += [(text, item.future) for text, item in zip(batch, items, strict=True)]
         front.submit(items)

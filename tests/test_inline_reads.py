@@ -25,9 +25,10 @@ from pipeq.core.records import open_records
 from pipeq.worker.batcher import WorkItem
 from pipeq.worker.forward_client import ForwardClient
 from pipeq.worker.forward_server import BlockStages, ForwardModel, ForwardServer, _Reports
+from pipeq.worker.job_run import JobRun, ServedModel
 from pipeq.worker.media import MediaLoader
 from pipeq.worker.pipelines import StagedPipeline
-from pipeq.worker.runner import JobRun, JobRunner, ServedModel
+from pipeq.worker.runner import JobRunner
 
 
 class _ReadsInline(StagedPipeline):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -83,9 +84,15 @@ def test_no_import_cycles() -> None:
 def test_wheel_installs_one_import_name_beside_a_config_package(tmp_path: Path) -> None:
     """A web backend with its own `config` package (cookiecutter-django has one) and pipeq
     installed from its wheel: both import, neither shadows the other."""
+    # Built from a copy: setuptools' build/ in the checkout would keep modules since removed.
+    source = tmp_path / "source"
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("*.pyc"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
-        + ["-w", str(tmp_path / "dist"), str(ROOT)],
+        + ["-w", str(tmp_path / "dist"), str(source)],
         check=True,
     )
     [wheel] = (tmp_path / "dist").glob("pipeq-*.whl")

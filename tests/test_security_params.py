@@ -28,8 +28,9 @@ from pipeq.config.settings import Settings
 from pipeq.core.jobs import JobDocument, JobRequest
 from pipeq.producer.client import Client
 from pipeq.worker.batcher import Batcher, WorkItem
+from pipeq.worker.feeding import feed
+from pipeq.worker.job_run import ServedModel
 from pipeq.worker.progress import ProgressTracker
-from pipeq.worker.runner import ServedModel, _feed
 from tests.parity import assert_close, reference_pipeline
 from tests.test_api import serve
 from tests.test_speech_documents import _invoice
@@ -244,7 +245,7 @@ def test_chunks_are_made_as_the_batcher_takes_them() -> None:
     served = ServedModel(staged=chunked, batcher=batcher, permits=threading.Semaphore(1))  # type: ignore[arg-type]
     fed: list[WorkItem] = []
     feeder = threading.Thread(
-        target=_feed,
+        target=feed,
         args=(
             served,
             parts(),

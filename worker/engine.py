@@ -35,8 +35,9 @@ from pipeq.config.errors import ModelError
 from pipeq.core.jobs import JobDocument
 from pipeq.core.webhooks import publish_for
 from pipeq.worker.callbacks import finished_earlier
+from pipeq.worker.job_run import JobRun
 from pipeq.worker.progress import PROGRESS_INTERVAL_S
-from pipeq.worker.runner import JobRun, JobRunner
+from pipeq.worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
 received_log = logging.getLogger("celery.worker.strategy")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from pipeq.config.errors import ErrorInfo
+
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -82,6 +84,27 @@ class BatchMetrics:
 
     def on_expired(self, count: int) -> None:
         self._expired.inc(count)
+
+
+class JobMetrics:
+    """The job path's hooks: queue wait, stage times, expiries, cache lookups, finished jobs."""
+
+    def on_claimed(self, model: str, lane: str, waited_s: float) -> None:
+        QUEUE_WAIT.labels(model, lane).observe(max(0.0, waited_s))
+
+    def on_stage(self, model: str, stage: str, seconds: float) -> None:
+        STAGE_SECONDS.labels(model, stage).observe(seconds)
+
+    def on_expired(self, model: str, where: str, count: int = 1) -> None:
+        EXPIRED.labels(model, where).inc(count)
+
+    def on_cache(self, model: str, hit: bool) -> None:
+        CACHE.labels(model, "hit" if hit else "miss").inc()
+
+    def on_stored(self, model: str, status: str, errors: list[ErrorInfo | None]) -> None:
+        JOBS.labels(model, status).inc()
+        for error in errors:
+            INPUTS.labels(model, "ok" if error is None else error.type).inc()
 
 
 def serve_metrics(port: int, host: str) -> None:

@@ -13,7 +13,8 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
-from pipeq.core.jobs import JobProgress
+from pipeq.core.jobs import JobDocument, JobProgress
+from pipeq.core.records import JobRecords
 
 # A record write per running job per interval: 2/s each is cheap for Redis and fresh enough
 # for a progress bar.
@@ -48,3 +49,23 @@ class ProgressTracker:
             return None
         self._published = current
         return current
+
+
+class ProgressPublisher:
+    """The job path's progress hook: writes the counts of running jobs that changed."""
+
+    def __init__(self, records: JobRecords) -> None:
+        self._records = records
+
+    def publish(self, jobs: list[tuple[JobDocument, ProgressTracker]]) -> None:
+        """Write the progress of those (claimed record, tracker) whose counts changed, in one
+        round trip. Guarded by the delivery count: a worker whose job was claimed again by
+        another writes no more."""
+        changes: list[tuple[JobDocument, tuple[str, ...], int | None]] = []
+        for claimed, tracker in jobs:
+            progress = tracker.changed()
+            if progress is not None:
+                doc = claimed.model_copy(update={"progress": progress})
+                changes.append((doc, ("running",), claimed.deliveries))
+        if changes:
+            self._records.transition_many(changes)

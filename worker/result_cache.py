@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,8 @@ import redis
 from PIL import Image
 
 from pipeq.config.registry import ModelSpec
+
+log = logging.getLogger(__name__)
 
 _KEY = "pipeq:cache:"
 MISS = object()
@@ -67,3 +70,28 @@ def open_cache(result_url: str) -> ResultCache | None:
     if not result_url.startswith(("redis://", "rediss://", "unix://")):
         return None
     return ResultCache(redis.Redis.from_url(result_url, socket_timeout=5, socket_connect_timeout=5))
+
+
+class CacheHook:
+    """The job path's result-cache hook: a no-op for a model without `cache_ttl_s`, or where
+    the result store is not Redis. A failed cache write never fails the input."""
+
+    def __init__(self, cache: ResultCache | None) -> None:
+        self._cache = cache
+
+    def key(self, spec: ModelSpec, params_key: str, loaded: Any) -> str | None:
+        if spec.cache_ttl_s is None or self._cache is None:
+            return None
+        return cache_key(spec, params_key, loaded)
+
+    def lookup(self, key: str) -> Any:
+        assert self._cache is not None  # a key is only made with a cache
+        return self._cache.get(key)
+
+    def remember(self, spec: ModelSpec, key: str | None, output: Any) -> None:
+        if key is None or spec.cache_ttl_s is None or self._cache is None:
+            return
+        try:
+            self._cache.put(key, output, spec.cache_ttl_s)
+        except Exception as exc:  # noqa: BLE001 - a cache write never fails the input
+            log.warning("result cache write failed: %r", exc)

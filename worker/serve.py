@@ -35,13 +35,14 @@ from pipeq.core.publish import send_jobs
 from pipeq.core.records import JobRecords, RedisRecords, open_records
 from pipeq.worker.engine import JobEngine, drain_step, engine_strategy
 from pipeq.worker.forward_client import ForwardClient
+from pipeq.worker.job_run import ServedModel
 from pipeq.worker.lease import LeaseRenewal
 from pipeq.worker.loading import load_front
 from pipeq.worker.media import MediaLoader
 from pipeq.worker.memory import bound_memory
 from pipeq.worker.metrics import LOAD_SECONDS, BatchMetrics, serve_metrics
 from pipeq.worker.result_cache import open_cache
-from pipeq.worker.runner import JobRunner, ServedModel
+from pipeq.worker.runner import JobRunner
 from pipeq.worker.sweeper import LostJobSweeper
 from pipeq.worker.task_events import BatchedTaskEvents
 
