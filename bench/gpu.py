@@ -284,7 +284,7 @@ def vit_bytes_to_labels(path: Path, images: list[Path]) -> dict[str, float]:
     stage after another), and through its batcher (batch k+1 staged while batch k runs)."""
     from pipeq.config.registry import ModelSpec
     from pipeq.worker.batcher import WorkItem
-    from pipeq.worker.forward_server import BlockStages
+    from pipeq.worker.block_stages import BlockStages
     from pipeq.worker.loading import load_staged
 
     spec = ModelSpec(

@@ -32,7 +32,8 @@ from celery import group
 from bench.harness import Record, write_results
 from pipeq.config.settings import Settings
 from pipeq.core.jobs import JobRequest
-from pipeq.producer.backfill import GROUP_INPUTS, cut_chunks, job_request
+from pipeq.producer.backfill import GROUP_INPUTS
+from pipeq.producer.chunks import cut_chunks, job_request
 from pipeq.producer.client import Client
 from pipeq.producer.manifest import BadLine, read_manifest
 

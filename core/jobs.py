@@ -7,8 +7,6 @@ body that does not validate never reaches the queue.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import time
@@ -19,12 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from pipeq.config.errors import ErrorInfo
+from pipeq.core.inputs import STRICT, DataRef, DocumentInput, Input, UrlRef, text_chars
 
 Lane = Literal["interactive", "bulk"]
 Status = Literal["queued", "running", "succeeded", "failed", "expired", "cancelled"]
 FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "expired", "cancelled"})
 
-_STRICT = ConfigDict(extra="forbid", frozen=True)
 MAX_PARAMS_DEPTH = 16
 
 
@@ -54,86 +52,12 @@ def scoped_id(owner: str | None, job_id: str) -> str:
     return job_id if owner is None else f"{owner}:{job_id}"
 
 
-class UrlRef(BaseModel):
-    model_config = _STRICT
-    url: str
-
-    @field_validator("url")
-    @classmethod
-    def _http_only(cls, url: str) -> str:
-        if not url.lower().startswith(("http://", "https://")):
-            raise ValueError("url must be http:// or https:// (use {'s3': ...} for S3)")
-        return url
-
-
-class S3Ref(BaseModel):
-    model_config = _STRICT
-    s3: str
-
-    @field_validator("s3")
-    @classmethod
-    def _s3_uri(cls, uri: str) -> str:
-        bucket, _, key = uri.removeprefix("s3://").partition("/")
-        if not uri.startswith("s3://") or not bucket or not key:
-            raise ValueError("s3 must look like s3://bucket/key")
-        return uri
-
-
-class PathRef(BaseModel):
-    model_config = _STRICT
-    path: str = Field(min_length=1)
-
-
-class DataRef(BaseModel):
-    model_config = _STRICT
-    data: str = Field(description="base64")
-    mime: str | None = None
-
-    @field_validator("data")
-    @classmethod
-    def _base64(cls, data: str) -> str:
-        try:
-            base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise ValueError(f"data is not valid base64: {exc}") from exc
-        return data
-
-    def decoded_size(self) -> int:
-        return len(base64.b64decode(self.data))
-
-
-MediaRef = UrlRef | S3Ref | PathRef | DataRef
-
-
-class DocumentInput(BaseModel):
-    """document-question-answering: an image and a question, optionally pre-computed OCR."""
-
-    model_config = _STRICT
-    image: MediaRef
-    question: str = Field(min_length=1)
-    word_boxes: list[tuple[str, tuple[int, int, int, int]]] | None = None
-
-
-Input = str | MediaRef | DocumentInput
-
-
-def text_chars(item: Input) -> int:
-    """Characters of text an input hands the tokenizer: a string's, or a document's question
-    plus its words (each word box counted as at least one, since each becomes a token)."""
-    if isinstance(item, str):
-        return len(item)
-    if isinstance(item, DocumentInput):
-        words = sum(max(1, len(word)) for word, _ in item.word_boxes or [])
-        return len(item.question) + words
-    return 0
-
-
 WebhookEvent = Literal["succeeded", "failed", "expired", "cancelled"]
 DEFAULT_WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("succeeded", "failed")
 
 
 class Webhook(BaseModel):
-    model_config = _STRICT
+    model_config = STRICT
     url: str
     events: list[WebhookEvent] = Field(default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS))
 
@@ -146,7 +70,7 @@ class Webhook(BaseModel):
 class JobRequest(BaseModel):
     """The body of `POST /v1/jobs` and the arguments of `Client.submit`."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     model: str = Field(min_length=1, max_length=200)
     inputs: list[Input] = Field(min_length=1, max_length=100_000)
@@ -202,7 +126,7 @@ class JobRequest(BaseModel):
 class JobMessage(BaseModel):
     """The one argument of the `pipeq.run` Celery task, as JSON."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     id: str
     model: str

@@ -6,7 +6,7 @@ from celery import Celery
 from celery.canvas import Signature
 
 from pipeq.config.celery import RUN_TASK, queue_name
-from pipeq.config.redis_transport import INPUTS_HEADER
+from pipeq.config.claim_script import INPUTS_HEADER
 from pipeq.core.jobs import JobMessage
 
 

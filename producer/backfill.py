@@ -14,7 +14,6 @@ store holds only what is in flight.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import threading
@@ -25,21 +24,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
     Progress,
     TaskID,
-    TextColumn,
-    TimeRemainingColumn,
 )
 
 from pipeq.config.errors import ErrorInfo, JobNotFound, Overloaded, UnknownModel
-from pipeq.core.jobs import JobDocument, JobRequest, text_chars
+from pipeq.core.jobs import JobDocument, JobRequest
+from pipeq.producer.backfill_report import Summary, progress_bar
+from pipeq.producer.chunks import cut_chunks, failure, job_request, refuse_long_texts
 from pipeq.producer.client import Client
 from pipeq.producer.manifest import (
-    INPUT,
     BadLine,
     Item,
     ManifestFormat,
@@ -54,53 +49,7 @@ from pipeq.producer.shards import SHARD_LINES, Shards, Store, open_store, shard_
 GROUP_INPUTS = 20_000
 
 
-@dataclass
-class Summary:
-    """What one run did; also written to the output as `summary.json`."""
-
-    model: str
-    manifest: str
-    out: str
-    inputs: int = 0  # manifest entries read, bad lines included
-    skipped: int = 0  # already in the output (--resume)
-    succeeded: int = 0
-    failed: int = 0  # bad lines included
-    bad_lines: int = 0
-    jobs: int = 0
-    published: int = 0  # inputs published as new jobs
-    reused: int = 0  # inputs of jobs whose record existed (finished, queued or running)
-    peak_in_flight: int = 0
-    elapsed_s: float = 0.0
-    inputs_per_s: float = 0.0
-    complete: bool = False
-
-
 # --- jobs --------------------------------------------------------------------------------------
-
-
-def cut_chunks(items: Iterable[Item | BadLine], chunk: int) -> Iterator[list[Item] | BadLine]:
-    """Consecutive good items, `chunk` at a time; bad lines pass through where they occur."""
-    batch: list[Item] = []
-    for entry in items:
-        if isinstance(entry, BadLine):
-            yield entry
-            continue
-        batch.append(entry)
-        if len(batch) == chunk:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def job_request(model: str, params: dict[str, Any], items: list[Item]) -> JobRequest:
-    """A bulk job whose id is a hash of its body and its inputs' ids: the same chunk of the same
-    manifest is the same job, in this run and in any resumed one."""
-    body = JobRequest(model=model, inputs=[i.input for i in items], params=params, priority="bulk")
-    digest = hashlib.sha256(body.fingerprint().encode())
-    for item in items:
-        digest.update(b"\0" + item.id.encode())
-    return body.model_copy(update={"id": "bf-" + digest.hexdigest()[:40]})
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -218,7 +167,7 @@ class _Run:
                 info = error or ErrorInfo(
                     type=doc.status.title(), message=f"the job was {doc.status}"
                 )
-                failed.append(_failure(item, info.model_dump()))
+                failed.append(failure(item, info.model_dump()))
         self.parts.write(done)
         self.failures.write(failed)
         self._count(len(done), len(failed))
@@ -255,11 +204,6 @@ class _Run:
         self.release()
 
 
-def _failure(item: Item, error: dict[str, Any]) -> str:
-    raw = INPUT.dump_python(item.input, mode="json")
-    return json.dumps({"id": item.id, "input": raw, "error": error}) + "\n"
-
-
 @contextmanager
 def _stop_on_signals(run: _Run) -> Iterator[None]:
     """SIGINT/SIGTERM: stop publishing and write what has finished (a second SIGINT aborts).
@@ -279,19 +223,6 @@ def _stop_on_signals(run: _Run) -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _progress_bar(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("backfill"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:,.0f} inputs/s"),
-        TextColumn("{task.fields[failed]:,} failed"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
 
 
 def backfill(
@@ -327,10 +258,10 @@ def backfill(
     summary = Summary(model=model, manifest=manifest, out=out)
     run = _Run(client, store, summary, max_in_flight)
     started = time.monotonic()
-    entries = _refuse_long_texts(
+    entries = refuse_long_texts(
         read_manifest(manifest, manifest_format, column, s3), client.settings.max_text_chars
     )
-    with _progress_bar(show_progress) as bar, _stop_on_signals(run):
+    with progress_bar(show_progress) as bar, _stop_on_signals(run):
         run.progress = bar
         run.task = bar.add_task("backfill", total=count_entries(manifest), rate=0.0, failed=0)
         try:
@@ -385,23 +316,6 @@ def _feed(
     run.submit(pending)
 
 
-def _refuse_long_texts(entries: Iterable[Item | BadLine], limit: int) -> Iterator[Item | BadLine]:
-    # Submitting one would refuse its whole chunk (PayloadTooLarge); as a bad line it fails alone.
-    for entry in entries:
-        if isinstance(entry, Item) and (chars := text_chars(entry.input)) > limit:
-            yield BadLine(
-                entry.id, entry.line, f"{chars} characters of text, over PIPEQ_MAX_TEXT_CHARS"
-            )
-        else:
-            yield entry
-
-
-def _show_rate(run: _Run, started: float) -> None:
-    if run.progress is not None:
-        rate = (run.summary.succeeded + run.summary.failed) / max(time.monotonic() - started, 1e-9)
-        run.progress.update(run.task, rate=rate)
-
-
 def _resume_point(store: Store, resume: bool, out: str) -> set[str]:
     names = store.names()
     shards = [n for n in names if shard_index(n, "part") >= 0 or shard_index(n, "failed") >= 0]
@@ -416,3 +330,9 @@ def default_out(manifest: str) -> str:
     """`<manifest name>-results` in the working directory."""
     name = Path(manifest.rstrip("/")).stem or "backfill"
     return f"{name}-results"
+
+
+def _show_rate(run: _Run, started: float) -> None:
+    if run.progress is not None:
+        rate = (run.summary.succeeded + run.summary.failed) / max(time.monotonic() - started, 1e-9)
+        run.progress.update(run.task, rate=rate)

@@ -14,7 +14,8 @@ from pipeq.config.errors import JobConflict, JobNotFound, PayloadTooLarge, Unkno
 from pipeq.config.params import check_params
 from pipeq.config.registry import Registry, load_registry
 from pipeq.config.settings import Settings
-from pipeq.core.jobs import Input, JobDocument, JobMessage, JobRequest, Lane, Webhook, scoped_id
+from pipeq.core.inputs import Input
+from pipeq.core.jobs import JobDocument, JobMessage, JobRequest, Lane, Webhook, scoped_id
 from pipeq.core.ledger import admit, open_ledger
 from pipeq.core.publish import send_jobs
 from pipeq.core.records import JobRecords, open_records

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
-from pipeq.core.jobs import Input
+from pipeq.core.inputs import Input
 
 
 def parse_input(text: str) -> Any:

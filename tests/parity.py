@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeq.config.registry import load_registry
-from pipeq.worker.pipelines import load_pipeline, to_json
+from pipeq.worker.pipeline_outputs import to_json
+from pipeq.worker.pipelines import load_pipeline
 
 
 def assert_close(got: Any, want: Any, tol: float = 1e-4, where: str = "output") -> None:

@@ -13,7 +13,8 @@ import redis
 
 from pipeq.config.celery import queue_name
 from pipeq.config.settings import Settings
-from pipeq.producer.backfill import Summary, backfill
+from pipeq.producer.backfill import backfill
+from pipeq.producer.backfill_report import Summary
 from pipeq.producer.client import Client
 from tests.test_backfill import MODEL, assert_exactly_once, write_jsonl
 

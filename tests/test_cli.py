@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipeq.cli.main import parse_param
+from pipeq.cli.job_commands import parse_param
 from pipeq.producer.manifest import parse_input
 
 

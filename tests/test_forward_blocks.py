@@ -18,9 +18,10 @@ from transformers import pipeline
 from pipeq.config.errors import ModelError
 from pipeq.config.registry import ModelSpec
 from pipeq.worker.batcher import WorkItem, take_batch
+from pipeq.worker.block_stages import BlockStages
 from pipeq.worker.feeding import work_item
 from pipeq.worker.forward_client import ForwardClient
-from pipeq.worker.forward_server import BlockStages, ForwardModel, ForwardServer, _Reports
+from pipeq.worker.forward_server import ForwardModel, ForwardServer, _Reports
 from pipeq.worker.forward_wire import decode, encode
 from pipeq.worker.loading import adapter_for
 from pipeq.worker.pipelines import StagedPipeline

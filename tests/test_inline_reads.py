@@ -23,8 +23,9 @@ from pipeq.config.registry import ModelSpec
 from pipeq.config.settings import Settings
 from pipeq.core.records import open_records
 from pipeq.worker.batcher import WorkItem
+from pipeq.worker.block_stages import BlockStages
 from pipeq.worker.forward_client import ForwardClient
-from pipeq.worker.forward_server import BlockStages, ForwardModel, ForwardServer, _Reports
+from pipeq.worker.forward_server import ForwardModel, ForwardServer, _Reports
 from pipeq.worker.job_run import JobRun, ServedModel
 from pipeq.worker.media import MediaLoader
 from pipeq.worker.pipelines import StagedPipeline

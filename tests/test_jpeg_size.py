@@ -8,7 +8,7 @@ import io
 import pytest
 from PIL import Image
 
-from pipeq.worker.gpu_images import _jpeg_size
+from pipeq.worker.jpeg_header import _jpeg_size
 
 
 def _jpeg(mode: str, size: tuple[int, int], **save: object) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import statistics
 import shutil
 import subprocess
 import sys
@@ -78,6 +79,23 @@ def test_no_import_cycles() -> None:
         if name not in state:
             visit(name, [name])
     assert cycles == []
+
+
+def test_module_and_function_sizes() -> None:
+    """Small modules with one job each: none over 400 lines, the median at or under 120, and no
+    function over 60 lines."""
+    lines = {name: len(path.read_text().splitlines()) for name, path in modules().items()}
+    sizes = [count for name, count in lines.items() if not name.endswith(".__init__")]
+    assert max(lines.values()) <= 400, max(lines.items(), key=lambda item: item[1])
+    assert statistics.median(sizes) <= 120
+    long = [
+        f"{name}.{node.name}: {node.end_lineno - node.lineno + 1}"
+        for name, path in modules().items()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and (node.end_lineno or 0) - node.lineno + 1 > 60
+    ]
+    assert long == []
 
 
 @pytest.mark.timeout(600)

@@ -41,7 +41,7 @@ from pipeq.config.errors import (
     UnsafeReference,
 )
 from pipeq.config.settings import Settings
-from pipeq.core.jobs import DataRef, DocumentInput, PathRef, S3Ref, UrlRef
+from pipeq.core.inputs import DataRef, DocumentInput, PathRef, S3Ref, UrlRef
 from pipeq.worker.media import MediaLoader
 from pipeq.worker.urlguard import is_public
 

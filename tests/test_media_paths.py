@@ -16,7 +16,7 @@ import pytest
 
 from pipeq.config.errors import MediaError, UnsafeReference
 from pipeq.config.settings import Settings
-from pipeq.core.jobs import PathRef
+from pipeq.core.inputs import PathRef
 from pipeq.worker.media import MediaLoader
 
 TRIES = 400

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipeq.core.jobs import JobDocument
-from pipeq.core.records import JobRecords, RedisRecords, SqliteRecords
+from pipeq.core.records import JobRecords, RedisRecords
+from pipeq.core.sqlite_records import SqliteRecords
 from tests.conftest import REDIS
 
 

@@ -17,7 +17,8 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from pipeq.config.redis_transport import ACK_FLUSH_MS, INPUTS_HEADER, Transport
+from pipeq.config.claim_script import INPUTS_HEADER
+from pipeq.config.redis_transport import ACK_FLUSH_MS, Transport
 from tests.conftest import REDIS
 
 DB = 12

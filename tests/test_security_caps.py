@@ -34,7 +34,8 @@ from PIL import Image
 
 from pipeq.config.errors import JobNotFound, MediaTooLarge, PayloadTooLarge, TextTooLong
 from pipeq.config.settings import Settings
-from pipeq.core.jobs import DataRef, DocumentInput, JobDocument, JobMessage
+from pipeq.core.inputs import DataRef, DocumentInput
+from pipeq.core.jobs import JobDocument, JobMessage
 from pipeq.producer.api import create_app
 from pipeq.producer.backfill import backfill
 from pipeq.producer.client import Client
@@ -85,7 +86,7 @@ def png_of_one_colour(width: int, height: int) -> bytes:
 _MEASURE = """
 import base64, json, sys
 from pipeq.config.settings import Settings
-from pipeq.core.jobs import DataRef
+from pipeq.core.inputs import DataRef
 from pipeq.worker.media import MediaLoader
 
 def status_mb(field):

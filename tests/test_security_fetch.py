@@ -32,13 +32,14 @@ from pipeq.config.errors import (
     UnsupportedEncoding,
 )
 from pipeq.config.settings import Settings
-from pipeq.core.jobs import UrlRef
+from pipeq.core.inputs import UrlRef
 from pipeq.core.records import open_records
 from pipeq.core.stores import ResultStores
 from pipeq.core.webhooks import WebhookDelivery
-from pipeq.worker.callbacks import Failure, WebhookSender, webhook_http_client
+from pipeq.worker.callbacks import Failure, WebhookSender
+from pipeq.worker.guarded_network import guarded_client
 from pipeq.worker.media import MediaLoader
-from pipeq.worker.urlguard import guarded_client
+from pipeq.worker.webhook_service import webhook_http_client
 from tests.conftest import REDIS
 
 SECRET = "whsec_" + base64.b64encode(b"pipeq-test-secret-0123456789").decode()

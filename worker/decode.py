@@ -13,9 +13,6 @@ under the cap.
 from __future__ import annotations
 
 import io
-import subprocess
-import tempfile
-import threading
 from fractions import Fraction
 from typing import Any
 
@@ -25,11 +22,8 @@ from PIL import Image, ImageOps
 from scipy.signal import resample_poly
 
 from pipeq.config.errors import DecodeError, InputError, MediaTooLarge
+from pipeq.worker.ffmpeg import SAMPLING_RATE, read_ffmpeg
 
-SAMPLING_RATE = 16_000
-# Demuxers ffmpeg may pick; hls, concat and friends are left out because they open other inputs.
-FFMPEG_FORMATS = "mov,mp4,m4a,matroska,webm,ogg,mp3,aac,wav,flac,w64,aiff,caf"
-FFMPEG_TIMEOUT_S = 60.0
 # A rate like 44 099 Hz would make resample_poly build a filter of millions of taps; a ratio with
 # a denominator up to 1000 is exact for every common rate (44.1 kHz -> 160/441) and off by under
 # one part in a million for the rest.
@@ -37,8 +31,6 @@ _MAX_RESAMPLE_DENOMINATOR = 1000
 # The scales libjpeg decodes at directly, without ever holding the full-size pixels.
 _JPEG_DRAFT_SCALES = (2, 4, 8)
 _AUDIO_BLOCK_FRAMES = 1 << 16
-_PIPE_CHUNK_BYTES = 1 << 16
-_STDERR_TAIL_BYTES = 4096
 
 
 def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
@@ -72,7 +64,7 @@ def decode_audio(
     try:
         samples, rate = _read_soundfile(data, max_samples, max_rate, max_channels)
     except soundfile.SoundFileError:
-        samples, rate = _read_ffmpeg(data, max_samples), SAMPLING_RATE
+        samples, rate = read_ffmpeg(data, max_samples), SAMPLING_RATE
     if samples.size == 0:
         raise DecodeError("the audio holds no samples")
     return {"raw": _resample(samples, rate), "sampling_rate": SAMPLING_RATE}
@@ -125,87 +117,6 @@ def _refuse_header(
             f"audio holds {frames} frames x {channels} channels = {frames * channels} samples, "
             f"over the {budget} that PIPEQ_MAX_MEDIA_BYTES allows to decode"
         )
-
-
-def _read_ffmpeg(data: bytes, max_samples: int) -> np.ndarray:
-    # One second past the cap is enough to tell 'longer than allowed' from 'exactly at it'.
-    max_seconds = max_samples / SAMPLING_RATE + 1
-    # A file, not a pipe: MP4/M4A keep their index at the end and need a seekable input.
-    with tempfile.NamedTemporaryFile(prefix="pipeq-audio-") as source:
-        source.write(data)
-        source.flush()
-        stdout = _run_ffmpeg(_ffmpeg_command(source.name, max_seconds), source.name, max_samples)
-    return np.frombuffer(stdout, dtype="<f4")
-
-
-def _ffmpeg_command(path: str, max_seconds: float) -> list[str]:
-    return [
-        "ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error",
-        "-protocol_whitelist", "file", "-format_whitelist", FFMPEG_FORMATS,
-        "-i", path,
-        "-map", "0:a:0", "-ac", "1", "-ar", str(SAMPLING_RATE), "-t", f"{max_seconds:.3f}",
-        "-f", "f32le", "pipe:1",
-    ]  # fmt: skip
-
-
-def _run_ffmpeg(command: list[str], path: str, max_samples: int) -> bytearray:
-    """ffmpeg's stdout, read as it comes and cut off (ffmpeg killed) past `max_samples`."""
-    try:
-        proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-    except FileNotFoundError as exc:
-        raise DecodeError(
-            "this audio is not WAV, FLAC, OGG or MP3, and the worker has no ffmpeg to decode it; "
-            "send one of those formats (or install ffmpeg on the worker)"
-        ) from exc
-    timed_out = threading.Event()
-    timer = threading.Timer(FFMPEG_TIMEOUT_S, _kill, (proc, timed_out))
-    stderr = bytearray()
-    drain = threading.Thread(target=_keep_tail, args=(proc.stderr, stderr), daemon=True)
-    with proc:
-        timer.start()
-        drain.start()
-        try:
-            stdout = _read_pipe(proc.stdout, max_samples)
-        except MediaTooLarge:
-            proc.kill()
-            raise
-        finally:
-            timer.cancel()
-            returncode = proc.wait()
-            drain.join()
-    if timed_out.is_set():
-        raise DecodeError(f"ffmpeg took longer than {FFMPEG_TIMEOUT_S} s to decode")
-    if returncode != 0:
-        lines = stderr.decode(errors="replace").replace(path, "input").strip().splitlines()
-        reason = lines[-1] if lines else f"exit status {returncode}"
-        raise DecodeError(f"not audio that soundfile or ffmpeg can decode: {reason}")
-    return stdout
-
-
-def _read_pipe(pipe: Any, max_samples: int) -> bytearray:
-    output = bytearray()
-    while chunk := pipe.read1(_PIPE_CHUNK_BYTES):
-        output += chunk
-        if len(output) > 4 * max_samples:  # float32
-            raise MediaTooLarge(
-                f"audio is longer than the {max_samples / SAMPLING_RATE:.1f} s of 16 kHz float32 "
-                "samples PIPEQ_MAX_MEDIA_BYTES allows"
-            )
-    return output
-
-
-def _kill(proc: subprocess.Popen[bytes], killed: threading.Event) -> None:
-    killed.set()
-    proc.kill()
-
-
-def _keep_tail(pipe: Any, tail: bytearray) -> None:
-    """Drain `pipe` (so ffmpeg never blocks on it), keeping only its last lines."""
-    while chunk := pipe.read1(_PIPE_CHUNK_BYTES):
-        tail += chunk
-        del tail[:-_STDERR_TAIL_BYTES]
 
 
 def _refuse_too_long(seconds: float, max_samples: int) -> None:

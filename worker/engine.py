@@ -26,9 +26,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
-from celery import Celery, bootsteps, signature
-from celery.app.trace import LOG_RECEIVED
-from celery.worker import state as worker_state
+from celery import Celery, signature
 from redis.exceptions import RedisError
 
 from pipeq.config.errors import ModelError
@@ -40,7 +38,6 @@ from pipeq.worker.progress import PROGRESS_INTERVAL_S
 from pipeq.worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
-received_log = logging.getLogger("celery.worker.strategy")
 
 T = TypeVar("T")
 
@@ -98,7 +95,7 @@ class JobEngine:
         if self._draining:
             self._settle(delivery, requeue=True)
             return
-        self._event("task-received", delivery.task_id, **_received_fields(delivery.message))
+        self._event("task-received", delivery.task_id, **received_fields(delivery.message))
         self._inbox.put(delivery)
 
     def _hold_credit(self, delivery: Delivery) -> None:
@@ -305,71 +302,6 @@ class JobEngine:
             self.consumer.on_send_event_buffered()
 
 
-def engine_strategy(engine: JobEngine) -> Callable[..., Any]:
-    """The Strategy of `pipeq.run` (Celery calls it once per consumer start with the task, app
-    and consumer; it returns the handler of each message)."""
-
-    def start_strategy(task: Any, app: Celery, consumer: Any, **_: Any) -> Callable[..., None]:
-        engine.consumer = consumer
-
-        def handle(
-            message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **_: Any
-        ) -> None:
-            try:
-                args, _kwargs, embed = message.decode()
-                job = args[0]
-            except (TypeError, ValueError, IndexError, KeyError) as exc:
-                log.error("dropping a pipeq.run message of another shape: %r", exc)
-                ack(log, consumer.connection_errors)
-                return
-            headers = message.headers or {}
-            embed = embed or {}
-            # Celery's own line for a received task, which operators (and tests) read.
-            received_log.info(LOG_RECEIVED, {"name": headers.get("task"), "id": headers.get("id")})
-            engine.accept(
-                Delivery(
-                    message=message,
-                    body=job,
-                    task_id=str(headers.get("id")),
-                    root_id=headers.get("root_id"),
-                    callbacks=embed.get("callbacks") or [],
-                    errbacks=embed.get("errbacks") or [],
-                    ack=ack,
-                    reject=reject,
-                )
-            )
-
-        return handle
-
-    return start_strategy
-
-
-def drain_step(engine: JobEngine) -> type[bootsteps.StartStopStep]:
-    """A consumer bootstep that drains the engine on warm shutdown, before the consumer's
-    connection closes (kombu then puts back what is still unacked)."""
-
-    class EngineDrain(bootsteps.StartStopStep):
-        requires = ("celery.worker.consumer.tasks:Tasks",)
-
-        def stop(self, parent: Any) -> None:
-            if worker_state.should_stop is not None and not worker_state.should_terminate:
-                engine.drain()
-
-    return EngineDrain
-
-
-def _received_fields(message: Any) -> dict[str, Any]:
-    headers = message.headers or {}
-    return {
-        "name": headers.get("task"),
-        "args": headers.get("argsrepr"),
-        "kwargs": headers.get("kwargsrepr"),
-        "root_id": headers.get("root_id"),
-        "parent_id": headers.get("parent_id"),
-        "retries": headers.get("retries", 0),
-    }
-
-
 def _take(inbox: queue.SimpleQueue[T], most: int) -> list[T]:
     """The next item (waiting for it) and whatever else is there, up to `most`."""
     items = [inbox.get()]
@@ -388,3 +320,15 @@ def _take_all(inbox: queue.SimpleQueue[T]) -> list[T]:
             items.append(inbox.get_nowait())
         except queue.Empty:
             return items
+
+
+def received_fields(message: Any) -> dict[str, Any]:
+    headers = message.headers or {}
+    return {
+        "name": headers.get("task"),
+        "args": headers.get("argsrepr"),
+        "kwargs": headers.get("kwargsrepr"),
+        "root_id": headers.get("root_id"),
+        "parent_id": headers.get("parent_id"),
+        "retries": headers.get("retries", 0),
+    }

@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection
 
 from pipeq.config.errors import ErrorInfo, Expired, ModelError, PipeqError
 from pipeq.worker.batcher import BatchHooks, WorkItem
-from pipeq.worker.forward_server import Answer, Block, Submission
+from pipeq.worker.forward_messages import Answer, Block, Submission
 from pipeq.worker.forward_wire import WireError, receive, send
 from pipeq.worker.pipelines import StagedPipeline
 

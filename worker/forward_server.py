@@ -26,8 +26,6 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, Listener, wait
@@ -37,113 +35,20 @@ from typing import Any
 import torch
 
 from pipeq.config.errors import ErrorInfo, ModelError, PipeqError
-from pipeq.config.registry import ModelSpec, load_registry
+from pipeq.config.registry import load_registry
 from pipeq.config.settings import Settings
-from pipeq.worker.batcher import Batcher, BatchHooks, SplitBlock, WorkItem
+from pipeq.worker.batcher import Batcher, SplitBlock, WorkItem
+from pipeq.worker.block_stages import BlockStages
+from pipeq.worker.forward_messages import Answer, BatchReport, Block, Submission
 from pipeq.worker.forward_wire import receive, send
 from pipeq.worker.loading import load_staged
-from pipeq.worker.pipelines import CallParams, StagedPipeline, batch_rows
+from pipeq.worker.pipelines import CallParams, StagedPipeline
 
 log = logging.getLogger(__name__)
 
 # Answers are sent in groups: one socket write per front per group, not per block.
 ANSWER_GROUP = 512
 READ_POLL_S = 0.1
-# Batches a model's forward thread launches ahead of the GPU: it never waits for batch k before
-# launching k+1, and waits for batch k before launching k+2. The sender thread waits for each
-# batch's outputs before sending them. (Two batcher threads, each staging, running and waiting
-# for its own batches, ran 6% slower than one: bench/NOTES.md, session 6.)
-BATCHES_AHEAD = 2
-
-
-@dataclass(frozen=True)
-class Block:
-    """Parts of one group a front asks to forward together (`StagedPipeline.pack`)."""
-
-    block_id: int
-    call_key: str
-    group: Hashable
-    length: int  # its longest part's
-    lane_rank: int  # its most urgent part's
-    expires_at: float | None  # its last part's deadline: expired rows are the front's to fail
-    rows: int
-    pack: Any
-
-    def to_wire(self) -> list[Any]:
-        return [
-            self.block_id,
-            self.call_key,
-            self.group,
-            self.length,
-            self.lane_rank,
-            self.expires_at,
-            self.rows,
-            self.pack,
-        ]
-
-
-@dataclass(frozen=True)
-class Submission:
-    model: str
-    blocks: list[Block]
-    # Call params by key, sent once per connection: blocks refer to them by key.
-    calls: dict[str, CallParams] = field(default_factory=dict)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "blocks": [block.to_wire() for block in self.blocks],
-            "calls": {key: dataclasses.asdict(call) for key, call in self.calls.items()},
-        }
-
-    @classmethod
-    def from_wire(cls, wire: dict[str, Any]) -> Submission:
-        return cls(
-            wire["model"],
-            [Block(*block) for block in wire["blocks"]],
-            {key: CallParams(**call) for key, call in wire["calls"].items()},
-        )
-
-
-@dataclass(frozen=True)
-class BatchReport:
-    size: int
-    forward_s: float
-    waited_s: list[float]
-    oom_splits: int = 0
-    gpu_memory: tuple[int, int] | None = None
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One block's rows of a batch's outputs, or its error; `split`: send it again in halves."""
-
-    block_id: int
-    output: Any = None
-    batched: bool = False  # `output` holds rows of a batch (of any size), not a lone part's
-    error: ErrorInfo | None = None
-    split: bool = False
-    started_at: float = 0.0  # wall clock when its batch began: rows whose deadline was earlier
-    batch: BatchReport | None = None
-    ready: Any = None  # the CUDA event after which `output` is filled in (not sent)
-
-    def to_wire(self) -> list[Any]:
-        error = None if self.error is None else self.error.model_dump()
-        batch = None if self.batch is None else dataclasses.asdict(self.batch)
-        return [self.block_id, self.output, self.batched, error, self.split, self.started_at, batch]
-
-    @classmethod
-    def from_wire(cls, wire: list[Any]) -> Answer:
-        block_id, output, batched, error, split, started_at, batch = wire
-        return cls(
-            block_id,
-            output,
-            batched,
-            None if error is None else ErrorInfo.model_validate(error),
-            split,
-            started_at,
-            None if batch is None else BatchReport(**batch),
-        )
 
 
 class _Reports:
@@ -332,85 +237,6 @@ def _work_item(front: _Front, block: Block, reports: _Reports) -> WorkItem:
 
     item.future.add_done_callback(answer)
     return item
-
-
-class BlockStages:
-    """The batcher's stages for a list of blocks' packs. `stage`: one batch, collated and staged
-    (on a side stream of the GPU: batch k+1's JPEG decode and resize run beside batch k's forward
-    pass). `forward`: its outputs cut per block, each with whether it is rows of a batch (a lone
-    part's output has no batch to un-batch) and the CUDA event after which it is filled in (None
-    on the CPU). `has_room`: whether the GPU runs at most one batch, so that a batch short of full
-    is worth staging now (else it waits and grows while the GPU is busy)."""
-
-    def __init__(self, staged: StagedPipeline) -> None:
-        self._staged = staged
-        # A model placed over several GPUs (device_map) keeps the default streams of each.
-        self._on_gpu = staged.pipe.device.type == "cuda" and not staged.spec.device_map
-        self._side = torch.cuda.Stream(staged.pipe.device) if self._on_gpu else None
-        self._launched: deque[torch.cuda.Event] = deque()
-
-    def stage(self, packs: list[Any], call: CallParams) -> tuple[list[int], Any, Any]:
-        rows = [self._staged.pack_rows(pack) for pack in packs]
-        batch = self._staged.collate(packs)
-        if self._side is None:
-            return rows, self._staged.stage_batch(batch), None
-        with torch.cuda.stream(self._side):
-            batch = self._staged.stage_batch(batch)
-            staged_at = torch.cuda.Event()
-            staged_at.record()
-        return rows, batch, staged_at
-
-    def forward(self, staged_batch: tuple[list[int], Any, Any], call: CallParams) -> list[Any]:
-        rows, batch, staged_at = staged_batch
-        ready = None
-        if staged_at is not None:
-            stream = torch.cuda.current_stream()
-            stream.wait_event(staged_at)
-            _used_on(batch, stream)
-        output = self._staged.forward_batch(batch, call)
-        if self._on_gpu:
-            ready = torch.cuda.Event()
-            ready.record()
-            self._launched.append(ready)
-            if len(self._launched) > BATCHES_AHEAD:
-                self._launched.popleft().synchronize()
-        batched = sum(rows) > 1
-        if len(rows) == 1:
-            return [(output, batched, ready)]
-        outputs, start = [], 0
-        for count in rows:
-            outputs.append((batch_rows(output, start, start + count), batched, ready))
-            start += count
-        return outputs
-
-    def has_room(self) -> bool:
-        return sum(not event.query() for event in list(self._launched)) <= 1
-
-    def batcher(self, spec: ModelSpec, hooks: BatchHooks | None = None) -> Batcher:
-        """The model's batcher over these stages."""
-        return Batcher(
-            spec.name,
-            self.forward,
-            stage=self.stage,
-            has_room=self.has_room,
-            max_batch_size=spec.max_batch_size,
-            max_wait_ms=spec.max_wait_ms,
-            hooks=hooks,
-        )
-
-
-def _used_on(value: Any, stream: torch.cuda.Stream) -> None:
-    """Tell the allocator that the staged batch's GPU tensors, made on the side stream, are read
-    on `stream`: their memory is not reused before this stream is done with them."""
-    if isinstance(value, torch.Tensor):
-        if value.is_cuda:
-            value.record_stream(stream)
-    elif isinstance(value, dict):
-        for each in value.values():
-            _used_on(each, stream)
-    elif isinstance(value, list | tuple):
-        for each in value:
-            _used_on(each, stream)
 
 
 def _unexpected(error: BaseException) -> ErrorInfo:

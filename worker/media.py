@@ -13,16 +13,12 @@ time, never by httpx. PIPEQ_MEDIA_TIMEOUT_S bounds a whole URL fetch: every hop,
 from __future__ import annotations
 
 import base64
-import errno
 import os
 import stat
 import time
-import zlib
-from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import boto3
@@ -36,13 +32,11 @@ from pipeq.config.errors import (
     InputError,
     MediaNotFound,
     MediaTimeout,
-    MediaTooLarge,
     TextTooLong,
     UnsafeReference,
-    UnsupportedEncoding,
 )
 from pipeq.config.settings import Settings
-from pipeq.core.jobs import (
+from pipeq.core.inputs import (
     DataRef,
     DocumentInput,
     Input,
@@ -53,22 +47,24 @@ from pipeq.core.jobs import (
     text_chars,
 )
 from pipeq.worker.decode import decode_audio, decode_image
-from pipeq.worker.urlguard import checked_url, deadline, guarded_client, time_left
+from pipeq.worker.guarded_network import guarded_client
+from pipeq.worker.http_body import (
+    READ_CHUNK_BYTES,
+    decoded,
+    read_capped,
+    refuse_declared_size,
+    too_large,
+)
+from pipeq.worker.local_paths import open_beneath
+from pipeq.worker.urlguard import checked_url, deadline, time_left
 
 # Fetching is I/O bound; 16 threads keep a GPU batch's worth of downloads in flight.
 LOAD_THREADS = 16
 MAX_REDIRECTS = 5
 HTTP_ATTEMPTS = 3
 RETRY_BACKOFF_S = 0.25
-_READ_CHUNK_BYTES = 1 << 16
 _NOT_FOUND_S3_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
 _IDENTITY = {"accept-encoding": "identity"}
-# The one Content-Encoding layer a server that compresses anyway may use (zlib's wbits for it).
-_INFLATE_WBITS = {
-    "gzip": 16 + zlib.MAX_WBITS,
-    "x-gzip": 16 + zlib.MAX_WBITS,
-    "deflate": zlib.MAX_WBITS,
-}
 
 
 class _ServerError(Exception):
@@ -228,8 +224,8 @@ class MediaLoader:
             if response.is_redirect:
                 return _parse_url(str(response.url), response.headers["location"])
             _raise_for_status(response)
-            _refuse_declared_size(response, limit, str(url))
-            return read_capped(_decoded(response, limit, str(url)), limit, str(url))
+            refuse_declared_size(response, limit, str(url))
+            return read_capped(decoded(response, limit, str(url)), limit, str(url))
 
     # --- s3, local paths, inline data ----------------------------------------------------------
 
@@ -241,8 +237,8 @@ class MediaLoader:
             # closing(), not `with body`: StreamingBody.__enter__ hands out the raw urllib3 stream.
             with closing(obj["Body"]) as body:
                 if obj.get("ContentLength", 0) > limit:
-                    raise _too_large(uri, limit)
-                return read_capped(body.iter_chunks(_READ_CHUNK_BYTES), limit, uri)
+                    raise too_large(uri, limit)
+                return read_capped(body.iter_chunks(READ_CHUNK_BYTES), limit, uri)
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in _NOT_FOUND_S3_CODES:
@@ -259,13 +255,13 @@ class MediaLoader:
             os.close(fd)
             raise MediaNotFound(f"{raw} is not a regular file")
         with os.fdopen(fd, "rb") as file:
-            chunks = iter(partial(file.read, _READ_CHUNK_BYTES), b"")
+            chunks = iter(partial(file.read, READ_CHUNK_BYTES), b"")
             return read_capped(chunks, self._settings.max_media_bytes, raw)
 
     def _decode_data(self, ref: DataRef) -> bytes:
         data = base64.b64decode(ref.data)
         if len(data) > self._settings.max_media_bytes:
-            raise _too_large("inline data", self._settings.max_media_bytes)
+            raise too_large("inline data", self._settings.max_media_bytes)
         return data
 
 
@@ -289,124 +285,11 @@ def media_ref(item: Input, modality: str) -> MediaRef | None:
     raise ValueError(f"unknown modality {modality!r}")
 
 
-def open_beneath(raw: str, roots: list[Path]) -> int:
-    """A read-only descriptor of `raw`, opened beneath the root it names one component at a time.
-
-    Each directory is opened relative to its parent's descriptor with O_NOFOLLOW, so a component
-    swapped for a symlink between a check and the open cannot lead out of the root (a resolve
-    then open lost that race 4 times in 400). Symlinks under a root are therefore never
-    followed, even ones that stay inside it; the roots themselves were resolved at start-up.
-    The lexical test comes first: a missing path outside the roots reads as 'outside', not
-    'missing', so errors tell a caller nothing about files elsewhere on the worker.
-    """
-    if not roots:
-        raise UnsafeReference(
-            "local paths are turned off; set PIPEQ_MEDIA_ROOTS to the directories jobs may read"
-        )
-    if not raw.startswith("/"):
-        raise UnsafeReference(f"{raw!r} is relative; give an absolute path under PIPEQ_MEDIA_ROOTS")
-    # The components as pathlib splits them (no empty ones, no "."), by string operations: a
-    # Path per input and per root was an eighth of a front's time at one image per job.
-    parts = [part for part in raw.split("/") if part and part != "."]
-    root = next(
-        (root for root in roots if tuple(parts[: len(root.parts) - 1]) == root.parts[1:]), None
-    )
-    if root is None or ".." in parts:
-        raise UnsafeReference(f"{raw} is outside PIPEQ_MEDIA_ROOTS ('..' is not followed)")
-    *folders, name = parts[len(root.parts) - 1 :] or (".",)
-    try:
-        folder = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise FetchFailed(f"the media root of {raw} cannot be opened: {exc.strerror}") from exc
-    try:
-        for part in folders:
-            child = _open_at(folder, part, os.O_DIRECTORY, raw)
-            os.close(folder)
-            folder = child
-        # O_NONBLOCK: a FIFO planted under a root must not hang the worker on open().
-        return _open_at(folder, name, os.O_NONBLOCK, raw)
-    finally:
-        os.close(folder)
-
-
-def _open_at(folder: int, name: str, flags: int, raw: str) -> int:
-    try:
-        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | flags, dir_fd=folder)
-    except OSError as exc:
-        # O_NOFOLLOW answers ELOOP for a symlink, and ENOTDIR for one where a folder should be.
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(folder, name):
-            raise UnsafeReference(
-                f"{raw} goes through a symbolic link, which could lead outside "
-                "PIPEQ_MEDIA_ROOTS; links under a root are not followed"
-            ) from exc
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            raise MediaNotFound(f"no file at {raw}") from exc
-        if exc.errno == errno.EACCES:
-            raise FetchFailed(f"the worker may not read {raw}: permission denied") from exc
-        raise UnsafeReference(f"cannot open {raw}: {exc.strerror}") from exc
-
-
-def _is_symlink(folder: int, name: str) -> bool:
-    try:
-        return stat.S_ISLNK(os.lstat(name, dir_fd=folder).st_mode)
-    except OSError:
-        return False
-
-
-def read_capped(chunks: Iterable[bytes], limit: int, source: str) -> bytes:
-    """Join `chunks`, raising `MediaTooLarge` as soon as they pass `limit` bytes."""
-    buffer = bytearray()
-    for chunk in chunks:
-        buffer += chunk
-        if len(buffer) > limit:
-            raise _too_large(source, limit)
-    return bytes(buffer)
-
-
 def _parse_url(base: str, reference: str = "") -> httpx.URL:
     try:
         return httpx.URL(base).join(reference)
     except httpx.InvalidURL as exc:
         raise UnsafeReference(f"not a valid URL: {reference or base!r} ({exc})") from exc
-
-
-def _decoded(response: httpx.Response, limit: int, source: str) -> Iterator[bytes]:
-    """The body without its Content-Encoding, in pieces of at most `_READ_CHUNK_BYTES`.
-
-    Not httpx's decoding: it inflates each network chunk whole, through every stacked layer, so
-    a few hundred bytes of gzip-of-gzip become gigabytes in one call before any cap is checked.
-    One gzip or deflate layer is inflated here in bounded steps that `read_capped` counts.
-    """
-    codings = [
-        coding.strip().lower()
-        for coding in response.headers.get_list("content-encoding", split_commas=True)
-        if coding.strip().lower() not in ("", "identity")
-    ]
-    if not codings:
-        yield from response.iter_raw(_READ_CHUNK_BYTES)
-        return
-    if len(codings) > 1 or codings[0] not in _INFLATE_WBITS:
-        raise UnsupportedEncoding(
-            f"{source} came with Content-Encoding {', '.join(codings)}; pipeq asks for identity "
-            "and decodes at most one gzip or deflate layer"
-        )
-    inflater = zlib.decompressobj(_INFLATE_WBITS[codings[0]])
-    received = 0
-    try:
-        for raw in response.iter_raw(_READ_CHUNK_BYTES):
-            received += len(raw)
-            if received > limit:  # compressed bytes that inflate to little still arrive
-                raise _too_large(source, limit)
-            piece = inflater.decompress(raw, _READ_CHUNK_BYTES)
-            while piece:
-                yield piece
-                # The input zlib left for want of room, or output it still holds back.
-                piece = inflater.decompress(inflater.unconsumed_tail, _READ_CHUNK_BYTES)
-            if inflater.eof:
-                return  # what follows the compressed stream is not part of it (httpx agrees)
-    except zlib.error as exc:
-        raise FetchFailed(f"{source} is not the {codings[0]} it says it is: {exc}") from exc
-    raise FetchFailed(f"{source} ends inside its {codings[0]}-compressed body")
 
 
 def _raise_for_status(response: httpx.Response) -> None:
@@ -420,13 +303,6 @@ def _raise_for_status(response: httpx.Response) -> None:
     raise FetchFailed(f"{response.url} answered HTTP {status}")
 
 
-def _refuse_declared_size(response: httpx.Response, limit: int, source: str) -> None:
-    # Content-Length counts encoded bytes; the cap is on decoded ones, so only trust it unencoded.
-    declared = response.headers.get("content-length", "")
-    if declared.isdigit() and "content-encoding" not in response.headers and int(declared) > limit:
-        raise _too_large(source, limit)
-
-
 def _after_retries(exc: Exception, url: httpx.URL, attempts: int) -> InputError:
     tries = f"after {attempts} {'try' if attempts == 1 else 'tries'}"
     if isinstance(exc, httpx.TimeoutException):
@@ -436,10 +312,6 @@ def _after_retries(exc: Exception, url: httpx.URL, attempts: int) -> InputError:
     if isinstance(exc, _ServerError):
         return FetchFailed(f"{url} answered HTTP {exc.status_code} {tries}")
     return FetchFailed(f"could not fetch {url} {tries}: {exc}")
-
-
-def _too_large(source: str, limit: int) -> MediaTooLarge:
-    return MediaTooLarge(f"{source} is larger than PIPEQ_MAX_MEDIA_BYTES ({limit} bytes)")
 
 
 def _default_http_client(settings: Settings) -> httpx.Client:

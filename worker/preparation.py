@@ -23,7 +23,8 @@ from pipeq.config.errors import (
     PoisonJob,
 )
 from pipeq.config.settings import Settings
-from pipeq.core.jobs import DataRef, Input, JobMessage, PathRef
+from pipeq.core.inputs import DataRef, Input, PathRef
+from pipeq.core.jobs import JobMessage
 from pipeq.worker.batcher import LANE_RANK, WorkItem
 from pipeq.worker.feeding import SendWindow, Submit, complete, feed, under_permit, work_item
 from pipeq.worker.job_run import JobRun, Prepared, ServedModel

@@ -33,7 +33,8 @@ from pipeq.config.settings import Settings
 from pipeq.core.ledger import QueueLedger, open_ledger
 from pipeq.core.publish import send_jobs
 from pipeq.core.records import JobRecords, RedisRecords, open_records
-from pipeq.worker.engine import JobEngine, drain_step, engine_strategy
+from pipeq.worker.consumer_glue import drain_step, engine_strategy
+from pipeq.worker.engine import JobEngine
 from pipeq.worker.forward_client import ForwardClient
 from pipeq.worker.job_run import ServedModel
 from pipeq.worker.lease import LeaseRenewal

@@ -1,0 +1,85 @@
+"""A job's inputs on the wire: texts, media references (URL, S3 URI, local path, inline data) and
+documents; their validation is what a producer may send."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+class UrlRef(BaseModel):
+    model_config = STRICT
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _http_only(cls, url: str) -> str:
+        if not url.lower().startswith(("http://", "https://")):
+            raise ValueError("url must be http:// or https:// (use {'s3': ...} for S3)")
+        return url
+
+
+class S3Ref(BaseModel):
+    model_config = STRICT
+    s3: str
+
+    @field_validator("s3")
+    @classmethod
+    def _s3_uri(cls, uri: str) -> str:
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        if not uri.startswith("s3://") or not bucket or not key:
+            raise ValueError("s3 must look like s3://bucket/key")
+        return uri
+
+
+class PathRef(BaseModel):
+    model_config = STRICT
+    path: str = Field(min_length=1)
+
+
+class DataRef(BaseModel):
+    model_config = STRICT
+    data: str = Field(description="base64")
+    mime: str | None = None
+
+    @field_validator("data")
+    @classmethod
+    def _base64(cls, data: str) -> str:
+        try:
+            base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"data is not valid base64: {exc}") from exc
+        return data
+
+    def decoded_size(self) -> int:
+        return len(base64.b64decode(self.data))
+
+
+MediaRef = UrlRef | S3Ref | PathRef | DataRef
+
+
+class DocumentInput(BaseModel):
+    """document-question-answering: an image and a question, optionally pre-computed OCR."""
+
+    model_config = STRICT
+    image: MediaRef
+    question: str = Field(min_length=1)
+    word_boxes: list[tuple[str, tuple[int, int, int, int]]] | None = None
+
+
+Input = str | MediaRef | DocumentInput
+
+
+def text_chars(item: Input) -> int:
+    """Characters of text an input hands the tokenizer: a string's, or a document's question
+    plus its words (each word box counted as at least one, since each becomes a token)."""
+    if isinstance(item, str):
+        return len(item)
+    if isinstance(item, DocumentInput):
+        words = sum(max(1, len(word)) for word, _ in item.word_boxes or [])
+        return len(item.question) + words
+    return 0
