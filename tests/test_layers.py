@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import ast
-import statistics
 import shutil
+import statistics
 import subprocess
 import sys
 import sysconfig
