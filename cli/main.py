@@ -13,6 +13,7 @@ from pipeq.cli.job_commands import add_job_commands
 from pipeq.cli.service_commands import add_service_commands
 from pipeq.cli.webhook_commands import add_webhook_commands
 from pipeq.config.errors import PipeqError
+from pipeq.config.settings import Settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
+        Settings()  # every command stops here on an invalid or unknown PIPEQ_* variable
         return int(args.func(args))
     except PipeqError as exc:
         print(f"pipeq: {type(exc).__name__}: {exc}", file=sys.stderr)

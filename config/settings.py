@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -206,6 +208,22 @@ class Settings(BaseSettings):
     def default_deadline_s(self, lane: str) -> float | None:
         return self.interactive_deadline_s if lane == "interactive" else self.bulk_deadline_s
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_variables(cls, values: Any) -> Any:
+        """A misspelt PIPEQ_* variable stops start-up: pydantic-settings ignores it, and the
+        service would run on the default it was meant to replace."""
+        known = known_variables()
+        unknown = sorted(
+            name for name in os.environ if name.startswith("PIPEQ_") and name not in known
+        )
+        if unknown:
+            name = unknown[0]
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else " (see README, Configuration)"
+            raise ConfigError(f"unknown setting {name}{hint}")
+        return values
+
     @model_validator(mode="after")
     def _amqp_needs_result_url(self) -> Settings:
         # Not a ValueError, so pydantic lets it through as is and `pipeq` prints it plainly. An
@@ -234,3 +252,15 @@ class Settings(BaseSettings):
         if self.broker_url and self.broker_url.startswith(("redis://", "rediss://")):
             return self.broker_url
         return f"sqlite:///{(self.data_dir / 'results.sqlite').resolve()}"
+
+
+def known_variables() -> list[str]:
+    """Every PIPEQ_* name Settings reads, old aliases included."""
+    names = []
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names += [choice for choice in alias.choices if isinstance(choice, str)]
+        else:
+            names.append(f"PIPEQ_{name.upper()}")
+    return names

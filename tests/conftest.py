@@ -17,7 +17,7 @@ import redis
 from pipeq.config.settings import Settings
 from pipeq.producer.client import Client
 
-REDIS = os.environ.get("PIPEQ_TEST_REDIS", "redis://127.0.0.1:6379")
+REDIS = os.environ.get("TEST_REDIS", "redis://127.0.0.1:6379")
 BROKER_DB, RESULT_DB = 14, 15
 READY_LINE = "pipeq worker ready"
 

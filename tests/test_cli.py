@@ -168,3 +168,14 @@ def test_bad_setting_is_refused(tmp_path: Path, value: str) -> None:
     )
     assert result.returncode == 2
     assert "max_media_bytes" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["models"], ["submit", "tiny-sentiment", "x"]])
+def test_unknown_setting_stops_every_command(tmp_path: Path, command: list[str]) -> None:
+    env = _embedded_env(tmp_path, PIPEQ_BORKER_URL="redis://127.0.0.1:6379/0")
+    done = _pipeq(*command, cwd=tmp_path, env=env, timeout_s=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "pipeq: ConfigError: unknown setting PIPEQ_BORKER_URL; did you mean PIPEQ_BROKER_URL?"
+    )
+    assert not (tmp_path / ".pipeq").exists()  # nothing started, nothing queued

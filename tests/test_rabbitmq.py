@@ -33,7 +33,7 @@ from tests.test_end_to_end import (  # noqa: F401 - collected here, with this mo
     test_fifty_concurrent_jobs_each_get_their_own_answer,
 )
 
-AMQP = os.environ.get("PIPEQ_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
+AMQP = os.environ.get("TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
 # A model only the kill test's workers serve, so the module's worker never takes its jobs.
 KILL_MODEL = "kill-sentiment"
 AMQP_WORKER = f"amqp@{socket.gethostname()}"

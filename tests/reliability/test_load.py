@@ -1,4 +1,4 @@
-"""Load: PIPEQ_LOAD_JOBS jobs (default 5,000) through one CPU worker and the tiny sentiment model.
+"""Load: LOAD_JOBS jobs (default 5,000) through one CPU worker and the tiny sentiment model.
 
 Every job is accounted for, and the worker's RSS and Redis memory stay flat: the worker reserves
 at most `concurrency` messages (prefetch multiplier 1) and records carry a TTL. Prints jobs/s and
@@ -19,7 +19,7 @@ from tests.reliability.conftest import RedisServer, statuses
 
 pytestmark = pytest.mark.reliability
 
-JOBS = int(os.environ.get("PIPEQ_LOAD_JOBS", "5000"))
+JOBS = int(os.environ.get("LOAD_JOBS", "5000"))
 CHUNK = 1_000
 TTL_S = 3_600
 
