@@ -137,7 +137,25 @@ def run_demo(settings: Settings) -> int:
             console.print(
                 f"[bold]{model}[/bold] {doc.status} in {run_s:.2f} s: {output}", soft_wrap=True
             )
-        return 0 if all(client.get(job_id).status == "succeeded" for _, job_id in ids) else 1
+        succeeded = all(client.get(job_id).status == "succeeded" for _, job_id in ids)
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(60)
+    console.print(next_steps(env), soft_wrap=True, highlight=False)
+    return 0 if succeeded else 1
+
+
+def next_steps(env: dict[str, str]) -> str:
+    """The commands that serve what the demo built, and a first query of it."""
+    body = '{"model": "tiny-sentiment", "inputs": ["what a wonderful film"]}'
+    return "\n".join(
+        [
+            "",
+            "Next: serve these models and query them over HTTP.",
+            f"  export PIPEQ_MODELS={env['PIPEQ_MODELS']} PIPEQ_MEDIA_ROOTS={env['PIPEQ_MEDIA_ROOTS']}",
+            "  pipeq up                     # the API on http://127.0.0.1:8000 and a worker",
+            "  curl -s localhost:8000/v1/jobs -H 'content-type: application/json' \\",
+            f"    -d '{body}'",
+            "  curl -s 'localhost:8000/v1/jobs/<id>?wait=10'",
+        ]
+    )

@@ -11,6 +11,7 @@ import sys
 
 import uvicorn
 
+from pipeq.config.celery import broker_folder
 from pipeq.config.settings import Settings
 from pipeq.producer.api import create_app
 
@@ -32,7 +33,7 @@ def run_up(settings: Settings, host: str, port: int, gpus: str) -> int:
         subprocess.Popen(command, env=dict(os.environ), preexec_fn=_stop_with_parent)
         for command in commands
     ]
-    broker = settings.broker_url or f"embedded ({settings.data_dir / 'broker'})"
+    broker = settings.broker_url or f"embedded ({broker_folder(settings)})"
     print(f"pipeq up: API on http://{host}:{port}, broker {broker}", flush=True)
     try:
         uvicorn.run(create_app(), host=host, port=port, log_level="info")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -86,9 +87,14 @@ class TaskSummaryOnly(logging.Filter):
 _TASK_SUMMARY_ONLY = TaskSummaryOnly()
 
 
+def broker_folder(settings: Settings) -> Path:
+    """The embedded broker's folder (kombu's filesystem transport)."""
+    return settings.data_dir / "broker"
+
+
 def _broker(settings: Settings) -> tuple[str, dict[str, object]]:
     if settings.broker_url is None:
-        folder = (settings.data_dir / "broker").resolve()
+        folder = broker_folder(settings)
         folder.mkdir(parents=True, exist_ok=True)
         # The filesystem transport polls once a second unless told otherwise.
         return "filesystem://localhost/", {

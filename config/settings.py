@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
+from platformdirs import user_data_dir
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -35,7 +36,11 @@ class Settings(BaseSettings):
     models: Path = Field(
         default=Path(__file__).with_name("models.yaml"), description="Path to models.yaml."
     )
-    data_dir: Path = Field(default=Path(".pipeq"), description="Embedded broker and results.")
+    data_dir: Path = Field(
+        default_factory=lambda: Path(user_data_dir("pipeq")),
+        description="Embedded broker and results: one place per user, whichever folder a command "
+        "runs in (made absolute).",
+    )
     result_ttl_s: int = Field(default=86_400, gt=0)
     lease_s: float = Field(
         default=30.0,
@@ -168,6 +173,11 @@ class Settings(BaseSettings):
     )
 
     _split_lists = field_validator("api_keys", "media_roots", mode="before")(_split_commas)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, folder: Path) -> Path:
+        return folder.expanduser().resolve()
 
     @field_validator("media_roots")
     @classmethod

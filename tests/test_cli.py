@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,6 +17,8 @@ import httpx
 import pytest
 
 from pipeq.cli.job_commands import parse_param
+from pipeq.config.settings import Settings
+from pipeq.producer.client import Client
 from pipeq.producer.manifest import parse_input
 
 
@@ -72,6 +75,11 @@ def test_demo_runs_every_task_offline(tmp_path: Path) -> None:
     ):
         assert model in result.stdout
     assert "succeeded" in result.stdout and "cosine similarity" in result.stdout
+    # It ends with the next step: the commands that serve what it built.
+    export = re.search(r"export PIPEQ_MODELS=(\S+) PIPEQ_MEDIA_ROOTS=(\S+)", result.stdout)
+    assert export is not None, result.stdout[-2000:]
+    assert Path(export.group(1)).is_file() and Path(export.group(2)).is_dir()
+    assert "pipeq up" in result.stdout and "curl -s localhost:8000/v1/jobs" in result.stdout
 
 
 def _free_port() -> int:
@@ -179,3 +187,21 @@ def test_unknown_setting_stops_every_command(tmp_path: Path, command: list[str])
         "pipeq: ConfigError: unknown setting PIPEQ_BORKER_URL; did you mean PIPEQ_BROKER_URL?"
     )
     assert not (tmp_path / ".pipeq").exists()  # nothing started, nothing queued
+
+
+def test_submit_from_any_folder_reaches_one_embedded_broker(tmp_path: Path) -> None:
+    """Without PIPEQ_DATA_DIR, `pipeq submit` from two folders queues both jobs in the user's
+    one data folder (XDG_DATA_HOME here), not a `.pipeq/` in each."""
+    env = _embedded_env(tmp_path, XDG_DATA_HOME=str(tmp_path / "xdg"))
+    del env["PIPEQ_DATA_DIR"]
+    ids = []
+    for folder in ("web", "scripts"):
+        (tmp_path / folder).mkdir()
+        done = _pipeq("submit", "sentiment", f"from {folder}", cwd=tmp_path / folder, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        ids.append(json.loads(done.stdout)["id"])
+        assert not (tmp_path / folder / ".pipeq").exists()
+    data_dir = tmp_path / "xdg" / "pipeq"
+    client = Client(Settings(data_dir=data_dir))
+    assert [client.get(job_id).status for job_id in ids] == ["queued", "queued"]
+    assert len(list((data_dir / "broker").glob("*.msg"))) == 2

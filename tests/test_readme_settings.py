@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from platformdirs import user_data_dir
+
 from pipeq.config.settings import Settings, known_variables
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -44,6 +46,8 @@ def matches(stated: str, default: Any) -> bool:
         return stated == str(default).lower()
     if isinstance(default, int | float):
         return float(stated) == default
+    if "platformdirs" in stated:
+        return bool(Path(default).resolve() == Path(user_data_dir("pipeq")).resolve())
     if isinstance(default, Path):
         return str(default).endswith(stated)
     return bool(stated == str(default))
@@ -59,7 +63,7 @@ def test_each_stated_default_is_the_real_one() -> None:
     wrong = {}
     for variable, stated in table().items():
         field = Settings.model_fields[field_of(variable)]
-        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        default = field.get_default(call_default_factory=True)
         if not matches(stated, default):
             wrong[variable] = (stated, default)
     assert wrong == {}

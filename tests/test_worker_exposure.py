@@ -1,8 +1,10 @@
-"""What a worker shows beyond its results: its metrics port binds loopback, and its INFO log names
-jobs by id and status, never their inputs, outputs or webhook URLs (which carry tokens)."""
+"""What a worker shows beyond its results: its metrics port binds loopback (the next free one when
+the configured port is taken), and its INFO log names jobs by id and status, never their inputs,
+outputs or webhook URLs (which carry tokens)."""
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from pathlib import Path
@@ -17,12 +19,6 @@ from pipeq.producer.client import Client
 EXPOSURE_DB = 7
 TOKEN = "SECRET123"
 CANARY = "CANARY-TEXT"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _listening_addresses(port: int) -> set[str]:
@@ -44,18 +40,30 @@ def test_worker_metrics_bind_loopback_and_its_log_names_jobs_only(
     broker = worker_env["PIPEQ_BROKER_URL"].rsplit("/", 1)[0] + f"/{EXPOSURE_DB}"
     redis.Redis.from_url(broker).flushdb()
     client = Client(settings.model_copy(update={"broker_url": broker, "result_url": broker}))
-    port = _free_port()
+    # Another process holds the configured port (a second worker on this host did once die of
+    # EADDRINUSE): the worker takes the next free one and says which.
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = int(taken.getsockname()[1])
     worker = start_worker(
         "--models",
         "tiny-sentiment",
         name="exposure@%h",
         env={
             "PIPEQ_LOG_LEVEL": "INFO",
-            "PIPEQ_METRICS_PORT": str(port),
+            "PIPEQ_METRICS_PORT": str(busy),
             "PIPEQ_BROKER_URL": broker,
             "PIPEQ_RESULT_URL": broker,
         },
     )
+    announced = re.search(
+        rf"worker metrics on http://127\.0\.0\.1:(\d+)/metrics \(port {busy} was taken\)",
+        worker.log_path.read_text(),
+    )
+    assert announced is not None, worker.log_path.read_text()[-4000:]
+    port = int(announced.group(1))
+    assert port > busy
     assert "pipeq_jobs" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     # 0100007F is 127.0.0.1 as /proc writes it; 0.0.0.0 would be 00000000.
     assert _listening_addresses(port) == {"0100007F"}
@@ -73,3 +81,4 @@ def test_worker_metrics_bind_loopback_and_its_log_names_jobs_only(
     assert job_id in log
     for secret in (TOKEN, CANARY, "hooks.example.com/pipeq", repr(output["score"])):
         assert secret not in log, f"{secret!r} is in the worker's log:\n{log[-4000:]}"
+    taken.close()

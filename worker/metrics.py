@@ -3,8 +3,9 @@ index added for pinned workers). Names are documented in docs/monitoring.md."""
 
 from __future__ import annotations
 
+
 import torch
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 from pipeq.config.errors import ErrorInfo
 
@@ -105,9 +106,3 @@ class JobMetrics:
         JOBS.labels(model, status).inc()
         for error in errors:
             INPUTS.labels(model, "ok" if error is None else error.type).inc()
-
-
-def serve_metrics(port: int, host: str) -> None:
-    """Serve /metrics on `host`:`port` (PIPEQ_METRICS_HOST, loopback unless opened up)."""
-    if port:
-        start_http_server(port, addr=host)

@@ -27,7 +27,14 @@ from celery.signals import worker_ready
 from celery.utils.nodenames import host_format
 from redis.exceptions import RedisError
 
-from pipeq.config.celery import LANES, RUN_TASK, make_celery, model_queues, queue_name
+from pipeq.config.celery import (
+    LANES,
+    RUN_TASK,
+    broker_folder,
+    make_celery,
+    model_queues,
+    queue_name,
+)
 from pipeq.config.registry import ModelSpec, load_registry
 from pipeq.config.settings import Settings
 from pipeq.core.ledger import QueueLedger, open_ledger
@@ -35,13 +42,15 @@ from pipeq.core.publish import send_jobs
 from pipeq.core.records import JobRecords, RedisRecords, open_records
 from pipeq.worker.consumer_glue import drain_step, engine_strategy
 from pipeq.worker.engine import JobEngine
+from pipeq.worker.event_files import start_pruning
 from pipeq.worker.forward_client import ForwardClient
 from pipeq.worker.job_run import ServedModel
 from pipeq.worker.lease import LeaseRenewal
 from pipeq.worker.loading import load_front
 from pipeq.worker.media import MediaLoader
 from pipeq.worker.memory import bound_memory
-from pipeq.worker.metrics import LOAD_SECONDS, BatchMetrics, serve_metrics
+from pipeq.worker.metrics import LOAD_SECONDS, BatchMetrics
+from pipeq.worker.metrics_server import serve_metrics
 from pipeq.worker.result_cache import open_cache
 from pipeq.worker.runner import JobRunner
 from pipeq.worker.sweeper import LostJobSweeper
@@ -124,6 +133,7 @@ def serve(
     lanes = [(name, lane) for lane in LANES for name in names]
     stop_beating = _beat(runner.ledger, hostname, lanes, served, settings.lease_s / 3)
     sweeper = _sweeper(settings, runner.records, app, lanes)
+    pruning = start_pruning(broker_folder(settings)) if settings.embedded else None
 
     @worker_ready.connect(weak=False)
     def announce(sender: Any, **_: Any) -> None:
@@ -145,6 +155,8 @@ def serve(
         worker.start()
     finally:
         stop_beating()
+        if pruning is not None:
+            pruning.set()
         if sweeper is not None:
             sweeper.stop()
         for model in served.values():
