@@ -3,7 +3,6 @@ index added for pinned workers). Names are documented in docs/monitoring.md."""
 
 from __future__ import annotations
 
-
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
