@@ -5,6 +5,7 @@
     ├── JobError                  a job as a whole cannot be accepted or found (HTTP status)
     │   ├── Unauthorized          the API key is missing or wrong                          (401)
     │   ├── InvalidRequest        not JSON, or not of the job schema                       (422)
+    │   ├── InvalidInput          an input its model's task cannot take; an unsafe webhook (422)
     │   ├── UnknownModel          the job names a model the registry does not hold         (404)
     │   ├── JobNotFound           no job with this id (never existed, or its TTL ran out)  (404)
     │   ├── JobConflict           the id exists with another body, or the job cannot change state
@@ -82,6 +83,13 @@ class Unauthorized(JobError):
 
 class InvalidRequest(JobError):
     """The request is malformed: not JSON, or not of the job schema."""
+
+    http_status = 422
+
+
+class InvalidInput(JobError):
+    """An input the model's task cannot take (text sent to an image model), or a webhook URL
+    the SSRF rule refuses: refused at submit, nothing queued."""
 
     http_status = 422
 

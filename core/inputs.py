@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 STRICT = ConfigDict(extra="forbid", frozen=True)
 
@@ -19,7 +20,11 @@ class UrlRef(BaseModel):
     @classmethod
     def _http_only(cls, url: str) -> str:
         if not url.lower().startswith(("http://", "https://")):
-            raise ValueError("url must be http:// or https:// (use {'s3': ...} for S3)")
+            scheme = url.partition(":")[0] if ":" in url else ""
+            named = f"the URL scheme {scheme!r}" if scheme else "a URL without a scheme"
+            raise ValueError(
+                f"{named} is not accepted: use http://, https:// or {{'s3': 's3://bucket/key'}}"
+            )
         return url
 
 
@@ -59,7 +64,30 @@ class DataRef(BaseModel):
         return len(base64.b64decode(self.data))
 
 
-MediaRef = UrlRef | S3Ref | PathRef | DataRef
+_KEYS = ("url", "s3", "path", "data", "image")
+_MEDIA = "an object with one of url, s3, path or data"
+_ANY = f"a string (text), {_MEDIA}, or a document ({{'image', 'question'}})"
+
+
+def _kind(value: Any) -> str | None:
+    """Which member of the input union `value` is meant as: by its key, so that a bad input
+    gets its member's one error, not one per member."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, BaseModel):
+        return next((key for key in _KEYS if key in type(value).model_fields), None)
+    if isinstance(value, dict):
+        return next((key for key in _KEYS if key in value), None)
+    return None
+
+
+MediaRef = Annotated[
+    Annotated[UrlRef, Tag("url")]
+    | Annotated[S3Ref, Tag("s3")]
+    | Annotated[PathRef, Tag("path")]
+    | Annotated[DataRef, Tag("data")],
+    Discriminator(_kind, custom_error_type="media", custom_error_message=f"expected {_MEDIA}"),
+]
 
 
 class DocumentInput(BaseModel):
@@ -71,7 +99,32 @@ class DocumentInput(BaseModel):
     word_boxes: list[tuple[str, tuple[int, int, int, int]]] | None = None
 
 
-Input = str | MediaRef | DocumentInput
+Input = Annotated[
+    Annotated[str, Tag("text")]
+    | Annotated[UrlRef, Tag("url")]
+    | Annotated[S3Ref, Tag("s3")]
+    | Annotated[PathRef, Tag("path")]
+    | Annotated[DataRef, Tag("data")]
+    | Annotated[DocumentInput, Tag("image")],
+    Discriminator(_kind, custom_error_type="input", custom_error_message=f"expected {_ANY}"),
+]
+# What each modality's pipelines take (a text model also reads a text file by reference).
+_ACCEPTED = {
+    "text": ({"text", "url", "s3", "path", "data"}, f"a string or {_MEDIA} (a text file)"),
+    "image": ({"url", "s3", "path", "data"}, _MEDIA),
+    "audio": ({"url", "s3", "path", "data"}, _MEDIA),
+    "document": ({"image"}, "a document: {'image': MEDIA, 'question': str}"),
+}
+
+
+def kind_error(item: Input, model: str, task: str, modality: str) -> str | None:
+    """Why `item` cannot go to a model of `modality`, or None if it can."""
+    kind = _kind(item)
+    accepted, described = _ACCEPTED[modality]
+    if kind in accepted:
+        return None
+    given = {"text": "text", "image": "a document"}.get(kind or "", "a media reference")
+    return f"is {given}; {model} ({task}) takes {described}"
 
 
 def text_chars(item: Input) -> int:

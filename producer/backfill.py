@@ -32,7 +32,7 @@ from rich.progress import (
 from pipeq.config.errors import ErrorInfo, JobNotFound, Overloaded, UnknownModel
 from pipeq.core.jobs import JobDocument, JobRequest
 from pipeq.producer.backfill_report import Summary, progress_bar
-from pipeq.producer.chunks import cut_chunks, failure, job_request, refuse_long_texts
+from pipeq.producer.chunks import cut_chunks, failure, job_request, refuse_unfit
 from pipeq.producer.client import Client
 from pipeq.producer.manifest import (
     BadLine,
@@ -246,7 +246,8 @@ def backfill(
         raise ValueError(
             f"--chunk ({chunk}) must be between 1 and --max-in-flight ({max_in_flight})"
         )
-    if client.registry.get(model) is None:
+    spec = client.registry.get(model)
+    if spec is None:
         raise UnknownModel(
             f"unknown model {model!r}; this service has {', '.join(client.registry.models)}"
         )
@@ -258,8 +259,8 @@ def backfill(
     summary = Summary(model=model, manifest=manifest, out=out)
     run = _Run(client, store, summary, max_in_flight)
     started = time.monotonic()
-    entries = refuse_long_texts(
-        read_manifest(manifest, manifest_format, column, s3), client.settings.max_text_chars
+    entries = refuse_unfit(
+        read_manifest(manifest, manifest_format, column, s3), spec, client.settings.max_text_chars
     )
     with progress_bar(show_progress) as bar, _stop_on_signals(run):
         run.progress = bar

@@ -8,7 +8,8 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from pipeq.core.inputs import text_chars
+from pipeq.config.registry import ModelSpec
+from pipeq.core.inputs import kind_error, text_chars
 from pipeq.core.jobs import JobRequest
 from pipeq.producer.manifest import (
     INPUT,
@@ -47,10 +48,17 @@ def failure(item: Item, error: dict[str, Any]) -> str:
     return json.dumps({"id": item.id, "input": raw, "error": error}) + "\n"
 
 
-def refuse_long_texts(entries: Iterable[Item | BadLine], limit: int) -> Iterator[Item | BadLine]:
-    # Submitting one would refuse its whole chunk (PayloadTooLarge); as a bad line it fails alone.
+def refuse_unfit(
+    entries: Iterable[Item | BadLine], spec: ModelSpec, limit: int
+) -> Iterator[Item | BadLine]:
+    """Inputs the submit would refuse, as bad lines with its message: sent, one would refuse its
+    whole chunk (InvalidInput, PayloadTooLarge); as a bad line it fails alone."""
     for entry in entries:
-        if isinstance(entry, Item) and (chars := text_chars(entry.input)) > limit:
+        if not isinstance(entry, Item):
+            yield entry
+        elif why := kind_error(entry.input, spec.name, spec.task, spec.modality):
+            yield BadLine(entry.id, entry.line, f"the input {why}")
+        elif (chars := text_chars(entry.input)) > limit:
             yield BadLine(
                 entry.id, entry.line, f"{chars} characters of text, over PIPEQ_MAX_TEXT_CHARS"
             )

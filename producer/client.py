@@ -10,16 +10,23 @@ from celery import Celery
 from celery.canvas import Signature
 
 from pipeq.config.celery import make_celery
-from pipeq.config.errors import JobConflict, JobNotFound, PayloadTooLarge, UnknownModel
+from pipeq.config.errors import (
+    InvalidInput,
+    JobConflict,
+    JobNotFound,
+    PayloadTooLarge,
+    UnknownModel,
+)
 from pipeq.config.params import check_params
-from pipeq.config.registry import Registry, load_registry
+from pipeq.config.registry import ModelSpec, Registry, load_registry
 from pipeq.config.settings import Settings
-from pipeq.core.inputs import Input
+from pipeq.core.inputs import Input, kind_error
 from pipeq.core.jobs import JobDocument, JobMessage, JobRequest, Lane, Webhook, scoped_id
 from pipeq.core.ledger import admit, open_ledger
 from pipeq.core.publish import send_jobs
 from pipeq.core.records import JobRecords, open_records
 from pipeq.core.stores import ResultStores
+from pipeq.core.urlguard import refused_webhook
 from pipeq.core.webhooks import publish_for
 
 
@@ -137,6 +144,7 @@ class Client:
                 f"unknown model {request.model!r}; this service has {', '.join(self.registry.models)}"
             )
         check_params(spec.task, request.params, spec.params)
+        self._check_inputs(request, spec)
         if request.inline_bytes() > self.settings.max_media_bytes:
             raise PayloadTooLarge(
                 f"inline data of {request.inline_bytes()} bytes is over PIPEQ_MAX_MEDIA_BYTES "
@@ -148,6 +156,22 @@ class Client:
                 f"input {index} holds {chars} characters of text, over PIPEQ_MAX_TEXT_CHARS "
                 f"({self.settings.max_text_chars}); split it into several inputs"
             )
+
+    def _check_inputs(self, request: JobRequest, spec: ModelSpec) -> None:
+        """Inputs the model's task cannot take, and a webhook the SSRF rule refuses, are a 422
+        before anything is queued: each bad input named by its index."""
+        bad = [
+            f"inputs[{index}] {why}"
+            for index, item in enumerate(request.inputs)
+            if (why := kind_error(item, spec.name, spec.task, spec.modality))
+        ]
+        if bad:
+            more = f"; and {len(bad) - 10} more" if len(bad) > 10 else ""
+            raise InvalidInput("; ".join(bad[:10]) + more)
+        if request.webhook is not None and not self.settings.allow_private_urls:
+            why = refused_webhook(request.webhook.url)
+            if why is not None:
+                raise InvalidInput(f"webhook.url: {why}")
 
     def _message(self, request: JobRequest, owner: str | None) -> JobMessage:
         message = request.to_message(owner=owner)

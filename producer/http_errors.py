@@ -3,6 +3,7 @@ retryable}}` with the status of the error's class (`PipeqError.http_status`), fr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -65,8 +66,25 @@ async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
 
 async def _invalid(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    detail = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
-    return error_response(InvalidRequest("invalid request"), detail=detail)
+    errors = exc.errors()
+    detail = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in errors]
+    return error_response(InvalidRequest(summary(errors)), detail=detail)
+
+
+def summary(errors: Sequence[Any]) -> str:
+    """The first few validation errors in one line, each at its place (`inputs.3.url: ...`)."""
+    parts = [
+        f"{_place(e['loc'])}: {str(e['msg']).removeprefix('Value error, ')}" for e in errors[:5]
+    ]
+    more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
+    return "; ".join(parts) + more
+
+
+def _place(loc: Sequence[Any]) -> str:
+    # A tagged union repeats its tag before the field of the same name (inputs.0.url.url).
+    names = [str(p) for p in loc if p != "body"]
+    kept = [name for i, name in enumerate(names) if i + 1 == len(names) or names[i + 1] != name]
+    return ".".join(kept) or "body"
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:

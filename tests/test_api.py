@@ -81,11 +81,9 @@ def test_submit_and_long_poll(api: httpx.Client) -> None:
 def test_malformed_bodies_are_422(api: httpx.Client, body: dict[str, Any]) -> None:
     response = api.post("/v1/jobs", json=body)
     assert response.status_code == 422, response.text
-    assert response.json()["error"] == {
-        "type": "InvalidRequest",
-        "message": "invalid request",
-        "retryable": False,
-    }
+    error = response.json()["error"]
+    assert error["type"] == "InvalidRequest" and error["retryable"] is False
+    assert error["message"] and response.json()["detail"]
 
 
 def test_not_json_is_422(api: httpx.Client) -> None:
@@ -201,3 +199,57 @@ def test_api_keys(settings: Settings) -> None:
         assert (
             http.get("/v1/models").json()["error"]["message"].startswith("missing or wrong API key")
         )
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "message"),
+    [
+        (
+            {"model": "tiny-vit", "inputs": [{"path": "/a.png"}, "a cat"]},
+            "InvalidInput",
+            "inputs[1] is text; tiny-vit (image-classification) takes an object with one of url, "
+            "s3, path or data",
+        ),
+        (
+            {"model": "tiny-zeroshot", "inputs": ["my order never arrived"]},
+            "InvalidParams",
+            "params: candidate_labels is required (a list of labels to score)",
+        ),
+        (
+            {"model": "tiny-sentiment", "inputs": ["x"], "params": {"top_kk": 2}},
+            "InvalidParams",
+            "params.top_kk is not accepted for text-classification; accepted: "
+            "function_to_apply, top_k, truncation",
+        ),
+        (
+            {"model": "tiny-vit", "inputs": [{"url": "ftp://example.com/a.png"}]},
+            "InvalidRequest",
+            "inputs.0.url: the URL scheme 'ftp' is not accepted: use http://, https:// or "
+            "{'s3': 's3://bucket/key'}",
+        ),
+        (
+            {"model": "tiny-sentiment", "inputs": ["x"], "webhook": {"url": "http://127.0.0.1/h"}},
+            "InvalidInput",
+            "webhook.url: 127.0.0.1 is 127.0.0.1, a private or reserved address; pipeq fetches "
+            "only public addresses unless PIPEQ_ALLOW_PRIVATE_URLS=true",
+        ),
+        (
+            {"model": "tiny-sentiment", "inputs": ["x"], "webhook": {"url": "http://localhost/h"}},
+            "InvalidInput",
+            "webhook.url: localhost is 127.0.0.1, a private or reserved address; webhooks go "
+            "only to public addresses unless PIPEQ_ALLOW_PRIVATE_URLS=true",
+        ),
+    ],
+)
+def test_inputs_are_checked_before_they_are_queued(
+    idle_api: httpx.Client, body: dict[str, Any], kind: str, message: str
+) -> None:
+    """Each refusal a new user met as a 202 and a job that failed later: a 422 naming the input
+    or param, with what would be accepted, and nothing queued."""
+    job_id = f"checked-{kind}-{len(message)}"
+    answer = idle_api.post("/v1/jobs", json={**body, "id": job_id})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"]["type"] == kind
+    assert answer.json()["error"]["message"] == message
+    assert len(answer.json().get("detail") or [None]) == 1  # one error for the one bad input
+    assert idle_api.get(f"/v1/jobs/{job_id}").status_code == 404

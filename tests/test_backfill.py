@@ -344,3 +344,19 @@ def test_s3_manifest_to_s3_output(
         show_progress=False,
     )
     assert (again.skipped, again.jobs, again.complete) == (41, 0, True)
+
+
+def test_input_its_model_cannot_take_is_a_bad_line(client: Client, tmp_path: Path) -> None:
+    """The message the API gives a document sent to a text model, on the line that holds it."""
+    manifest = tmp_path / "manifest.jsonl"
+    document = {"image": {"url": "https://example.com/a.png"}, "question": "total?"}
+    manifest.write_text(json.dumps({"id": "doc", "input": document}) + "\n")
+    out = tmp_path / "out"
+    summary = backfill(client, str(manifest), MODEL, out=str(out), chunk=16, show_progress=False)
+    assert (summary.bad_lines, summary.jobs) == (1, 0)
+    [failed] = records(out, "failed")
+    assert failed["id"] == "doc" and failed["line"] == 1
+    assert failed["error"]["message"] == (
+        f"line 1: the input is a document; {MODEL} (text-classification) takes a string or an object "
+        "with one of url, s3, path or data (a text file)"
+    )

@@ -42,8 +42,8 @@ from pipeq.config.errors import (
 )
 from pipeq.config.settings import Settings
 from pipeq.core.inputs import DataRef, DocumentInput, PathRef, S3Ref, UrlRef
+from pipeq.core.urlguard import is_public
 from pipeq.worker.media import MediaLoader
-from pipeq.worker.urlguard import is_public
 
 PUBLIC_IP = "93.184.215.14"  # a global unicast address; only ever answered by MockTransport
 

@@ -7,7 +7,7 @@ separate process with no models, so a slow or dead receiver never holds a GPU wo
 
 Each attempt signs the body afresh per Standard Webhooks (the `webhook-id` stays
 `<job id>.<event>`; the timestamp is the attempt's), refuses non-public addresses exactly as
-media fetching does (worker/urlguard.py: it connects only to the address it checked; no
+media fetching does (core/urlguard.py: it connects only to the address it checked; no
 redirects), ends within PIPEQ_WEBHOOK_TIMEOUT_S however slowly the receiver answers, and
 retries timeouts, connection errors, 429 and 5xx with exponential backoff and jitter until
 PIPEQ_WEBHOOK_RETRY_SPAN_S has passed since the first attempt. Then, or at once on any other
@@ -35,8 +35,8 @@ from pipeq.config.settings import Settings
 from pipeq.core.jobs import FINAL_STATUSES, JobDocument, owner_of
 from pipeq.core.records import JobRecords
 from pipeq.core.stores import ResultStores
+from pipeq.core.urlguard import checked_url, deadline
 from pipeq.core.webhooks import WebhookDelivery
-from pipeq.worker.urlguard import checked_url, deadline
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import httpcore
 import httpx
 
 from pipeq.config.errors import FetchFailed, UnsafeReference
-from pipeq.worker.urlguard import Resolver, refuse_private, system_resolve, time_left
+from pipeq.core.urlguard import Resolver, refuse_private, system_resolve, time_left
 
 
 class GuardedBackend(httpcore.NetworkBackend):

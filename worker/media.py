@@ -5,7 +5,7 @@ PIPEQ_MEDIA_ROOTS or inline base64, never more than PIPEQ_MAX_MEDIA_BYTES of the
 one input for a modality (`pipeq.worker.decode`), `load_many` does a batch on a thread pool. Every
 failure is an `InputError` that fails its own input only.
 
-URLs are guarded against SSRF (`pipeq.worker.urlguard`: only checked public addresses are connected to)
+URLs are guarded against SSRF (`pipeq.core.urlguard`: only checked public addresses are connected to)
 unless PIPEQ_ALLOW_PRIVATE_URLS is set, and redirects are followed here, one checked hop at a
 time, never by httpx. PIPEQ_MEDIA_TIMEOUT_S bounds a whole URL fetch: every hop, retry and byte.
 """
@@ -46,6 +46,7 @@ from pipeq.core.inputs import (
     UrlRef,
     text_chars,
 )
+from pipeq.core.urlguard import checked_url, deadline, time_left
 from pipeq.worker.decode import decode_audio, decode_image
 from pipeq.worker.guarded_network import guarded_client
 from pipeq.worker.http_body import (
@@ -56,7 +57,6 @@ from pipeq.worker.http_body import (
     too_large,
 )
 from pipeq.worker.local_paths import open_beneath
-from pipeq.worker.urlguard import checked_url, deadline, time_left
 
 # Fetching is I/O bound; 16 threads keep a GPU batch's worth of downloads in flight.
 LOAD_THREADS = 16
