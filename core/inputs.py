@@ -65,11 +65,11 @@ class DataRef(BaseModel):
 
 
 _KEYS = ("url", "s3", "path", "data", "image")
-_MEDIA = "an object with one of url, s3, path or data"
-_ANY = f"a string (text), {_MEDIA}, or a document ({{'image', 'question'}})"
+MEDIA_REFS = "an object with one of url, s3, path or data"
+_ANY = f"a string (text), {MEDIA_REFS}, or a document ({{'image', 'question'}})"
 
 
-def _kind(value: Any) -> str | None:
+def input_kind(value: Any) -> str | None:
     """Which member of the input union `value` is meant as: by its key, so that a bad input
     gets its member's one error, not one per member."""
     if isinstance(value, str):
@@ -86,7 +86,9 @@ MediaRef = Annotated[
     | Annotated[S3Ref, Tag("s3")]
     | Annotated[PathRef, Tag("path")]
     | Annotated[DataRef, Tag("data")],
-    Discriminator(_kind, custom_error_type="media", custom_error_message=f"expected {_MEDIA}"),
+    Discriminator(
+        input_kind, custom_error_type="media", custom_error_message=f"expected {MEDIA_REFS}"
+    ),
 ]
 
 
@@ -106,25 +108,8 @@ Input = Annotated[
     | Annotated[PathRef, Tag("path")]
     | Annotated[DataRef, Tag("data")]
     | Annotated[DocumentInput, Tag("image")],
-    Discriminator(_kind, custom_error_type="input", custom_error_message=f"expected {_ANY}"),
+    Discriminator(input_kind, custom_error_type="input", custom_error_message=f"expected {_ANY}"),
 ]
-# What each modality's pipelines take (a text model also reads a text file by reference).
-_ACCEPTED = {
-    "text": ({"text", "url", "s3", "path", "data"}, f"a string or {_MEDIA} (a text file)"),
-    "image": ({"url", "s3", "path", "data"}, _MEDIA),
-    "audio": ({"url", "s3", "path", "data"}, _MEDIA),
-    "document": ({"image"}, "a document: {'image': MEDIA, 'question': str}"),
-}
-
-
-def kind_error(item: Input, model: str, task: str, modality: str) -> str | None:
-    """Why `item` cannot go to a model of `modality`, or None if it can."""
-    kind = _kind(item)
-    accepted, described = _ACCEPTED[modality]
-    if kind in accepted:
-        return None
-    given = {"text": "text", "image": "a document"}.get(kind or "", "a media reference")
-    return f"is {given}; {model} ({task}) takes {described}"
 
 
 def text_chars(item: Input) -> int:

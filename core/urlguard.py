@@ -36,27 +36,6 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _deadline: ContextVar[float | None] = ContextVar("pipeq_http_deadline", default=None)
 
 
-def refused_webhook(url: str) -> str | None:
-    """Why a webhook URL is refused at submit, or None: what `checked_url` refuses, and a name
-    that resolves to a non-public address now (a name that does not resolve is left to the
-    delivery, which checks again on the address it connects to)."""
-    try:
-        parsed = checked_url(httpx.URL(url), allow_private=False)
-    except (UnsafeReference, httpx.InvalidURL) as exc:
-        return str(exc)
-    try:
-        addresses = system_resolve(parsed.host, parsed.port or 443)
-    except FetchFailed:
-        return None
-    private = [address for address in addresses if not is_public(address)]
-    if private:
-        return (
-            f"{parsed.host} is {private[0]}, a private or reserved address; webhooks go only to "
-            "public addresses unless PIPEQ_ALLOW_PRIVATE_URLS=true"
-        )
-    return None
-
-
 def checked_url(url: httpx.URL, allow_private: bool) -> httpx.URL:
     """`url` if it is http(s), names a host, and that host is not a non-public IP literal.
 

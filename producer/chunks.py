@@ -9,7 +9,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pipeq.config.registry import ModelSpec
-from pipeq.core.inputs import kind_error, text_chars
+from pipeq.core.input_kinds import kind_error
+from pipeq.core.inputs import text_chars
 from pipeq.core.jobs import JobRequest
 from pipeq.producer.manifest import (
     INPUT,

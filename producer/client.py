@@ -20,13 +20,14 @@ from pipeq.config.errors import (
 from pipeq.config.params import check_params
 from pipeq.config.registry import ModelSpec, Registry, load_registry
 from pipeq.config.settings import Settings
-from pipeq.core.inputs import Input, kind_error
+from pipeq.core.input_kinds import kind_error
+from pipeq.core.inputs import Input
 from pipeq.core.jobs import JobDocument, JobMessage, JobRequest, Lane, Webhook, scoped_id
 from pipeq.core.ledger import admit, open_ledger
 from pipeq.core.publish import send_jobs
 from pipeq.core.records import JobRecords, open_records
 from pipeq.core.stores import ResultStores
-from pipeq.core.urlguard import refused_webhook
+from pipeq.core.webhook_urls import refused_webhook
 from pipeq.core.webhooks import publish_for
 
 

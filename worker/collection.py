@@ -87,9 +87,7 @@ class Collection:
             output, error = answered[id(future)]
             outputs.append(output)
             errors.append(error)
-        cached = sum(
-            1 for future in {id(f): f for f in run.prepared}.values() if _from_cache(future)
-        )
+        cached = sum(map(_from_cache, {id(f): f for f in run.prepared}.values()))
         return outputs, errors, cached
 
     def _answer(
