@@ -1,4 +1,4 @@
-"""Commands that submit and read jobs: submit, backfill, models."""
+"""Commands of bulk work and the registry: backfill, models."""
 
 from __future__ import annotations
 
@@ -8,34 +8,6 @@ import sys
 from typing import Any
 
 from pipeq.config.settings import Settings
-from pipeq.producer.manifest import parse_input
-
-
-def parse_param(pair: str) -> tuple[str, Any]:
-    """`k=v`, where v is read as JSON if it parses (`top_k=2` is the number 2), else a string."""
-    key, sep, raw = pair.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--param takes key=value, got {pair!r}")
-    try:
-        return key, json.loads(raw)
-    except json.JSONDecodeError:
-        return key, raw
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    from pipeq.producer.client import Client
-
-    client = Client()
-    job_id = client.submit(
-        args.model,
-        [parse_input(text) for text in args.inputs],
-        dict(args.param),
-        priority=args.priority,
-        id=args.id,
-    )
-    doc = client.wait(job_id, args.wait) if args.wait else client.get(job_id)
-    print(doc.model_dump_json(indent=2))
-    return 0 if doc.status in ("queued", "running", "succeeded") else 1
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
@@ -97,21 +69,14 @@ def cmd_models(_: argparse.Namespace) -> int:
 
 def add_job_commands(commands: Any) -> None:
     """Add this module's commands to `pipeq`'s subparsers."""
-    submit = commands.add_parser("submit", help="submit one job and print its record")
-    submit.add_argument("model")
-    submit.add_argument("inputs", nargs="+", metavar="INPUT")
-    submit.add_argument("--param", type=parse_param, action="append", default=[])
-    submit.add_argument("--wait", type=float, default=0, metavar="SECONDS")
-    submit.add_argument("--priority", choices=["interactive", "bulk"], default="interactive")
-    submit.add_argument("--id", help="idempotency key")
-    submit.set_defaults(func=cmd_submit)
-
     backfill = commands.add_parser(
         "backfill", help="run a manifest through the bulk lane into JSONL shards (resumable)"
     )
     backfill.add_argument("manifest", help="JSONL, CSV, a plain list, or s3://bucket/prefix/")
-    backfill.add_argument("--model", required=True)
-    backfill.add_argument("--params", type=_json_object, default={}, metavar="JSON")
+    backfill.add_argument("--model", required=True, help="a model of the registry")
+    backfill.add_argument(
+        "--params", type=_json_object, default={}, metavar="JSON", help="call params of every job"
+    )
     backfill.add_argument("--out", help="DIR or s3://bucket/prefix (default: ./NAME-results)")
     backfill.add_argument("--chunk", type=_positive, default=100, help="inputs per bulk job")
     backfill.add_argument(

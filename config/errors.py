@@ -32,6 +32,7 @@
     │   └── Expired               the input was not started before the job's deadline
     ├── StoreError                a result could not be written to or read back from S3; the
     │                             broker or record store unreachable                      (503)
+    ├── ServiceUnavailable        the API cannot be reached (HttpClient)                   (503)
     └── WebhookError              webhooks: delivery set-up or verification
         └── InvalidSignature      a received webhook is unsigned, forged, tampered with or stale
 
@@ -211,6 +212,13 @@ class StoreError(PipeqError):
     retryable = True
     http_status = 503
     retry_after_s = 5
+
+
+class ServiceUnavailable(PipeqError):
+    """The API cannot be reached, or answered 5xx past the client's retry budget."""
+
+    retryable = True
+    http_status = 503
 
 
 class WebhookError(PipeqError):

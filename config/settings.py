@@ -103,6 +103,14 @@ class Settings(BaseSettings):
         description="Comma-separated `key` or `key=whsec_<base64>` entries; each key is a tenant "
         "with its own job ids, and one with a secret gets its webhooks signed with it.",
     )
+    api_url: str | None = Field(
+        default=None,
+        description="The HTTP API that `pipeq submit`, `get` and `cancel` talk to; unset = the "
+        "broker and record store directly.",
+    )
+    api_key: str | None = Field(
+        default=None, description="The key those commands send (one of the API's PIPEQ_API_KEYS)."
+    )
     allow_private_urls: bool = False
     media_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     max_media_bytes: int = Field(default=50 * 1024 * 1024, gt=0)

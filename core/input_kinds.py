@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pipeq.core.inputs import MEDIA_REFS, Input, input_kind
 
-# What each modality's pipelines take (a text model also reads a text file by reference).
+# What each modality's pipelines take (worker/media.py refuses anything else).
 _ACCEPTED = {
-    "text": ({"text", "url", "s3", "path", "data"}, f"a string or {MEDIA_REFS} (a text file)"),
+    "text": ({"text"}, "a string"),
     "image": ({"url", "s3", "path", "data"}, MEDIA_REFS),
     "audio": ({"url", "s3", "path", "data"}, MEDIA_REFS),
     "document": ({"image"}, "a document: {'image': MEDIA, 'question': str}"),

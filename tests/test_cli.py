@@ -15,8 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
-from pipeq.cli.job_commands import parse_param
+from pipeq.cli.client_commands import parse_param
 from pipeq.config.settings import Settings
 from pipeq.producer.client import Client
 from pipeq.producer.manifest import parse_input
@@ -133,6 +134,7 @@ def test_up_serves_jobs_on_the_embedded_broker(tmp_path: Path, model_dir: Path) 
         assert submitted.returncode == 0, submitted.stderr[-2000:]
         printed = json.loads(submitted.stdout)
         assert printed["status"] == "succeeded" and len(printed["outputs"][0]) == 2
+        _http_first_cli(tmp_path, env, f"http://127.0.0.1:{port}")
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(60)
@@ -142,6 +144,44 @@ def test_up_serves_jobs_on_the_embedded_broker(tmp_path: Path, model_dir: Path) 
     while _children_of_data_dir(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _children_of_data_dir(tmp_path)
+
+
+def _http_first_cli(tmp_path: Path, env: dict[str, str], url: str) -> None:
+    """`pipeq submit`, `get` and `cancel` over the HTTP API, as a web team runs them: a local
+    file is read and sent inline (the worker has no PIPEQ_MEDIA_ROOTS to read its path), and
+    each expected failure is one line and a non-zero exit, never a traceback."""
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(photo)
+    done = _pipeq(
+        "submit", "tiny-vit", str(photo), "--url", url, "--wait", "60", cwd=tmp_path, env=env
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    job = json.loads(done.stdout)
+    assert job["status"] == "succeeded", job
+    got = _pipeq("get", job["id"], "--url", url, cwd=tmp_path, env=env)
+    assert got.returncode == 0 and json.loads(got.stdout)["outputs"] == job["outputs"]
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    failures = {
+        ("cancel", job["id"], "--url", url): "pipeq: JobConflict: job ",
+        ("submit", "tiny-sentiment", "nope.png", "--url", url): (
+            "pipeq: InvalidInput: no such file: nope.png"
+        ),
+        ("submit", "tiny-sentiment", "{not json", "--url", url): (
+            "pipeq: InvalidInput: INPUT '{not json' is not valid JSON"
+        ),
+        ("submit", "tiny-vit", "some text", "--url", url): (
+            "pipeq: InvalidInput: inputs[0] is text; tiny-vit"
+        ),
+        ("get", job["id"], "--url", down): (
+            f"pipeq: ServiceUnavailable: the API at {down} cannot be reached"
+        ),
+    }
+    for args, start in failures.items():
+        failed = _pipeq(*args, cwd=tmp_path, env=env, timeout_s=60)
+        assert failed.returncode != 0, args
+        assert failed.stderr.startswith(start) and failed.stderr.count("\n") == 1, failed.stderr
 
 
 def _children_of_data_dir(tmp_path: Path) -> list[str]:
@@ -201,7 +241,17 @@ def test_submit_from_any_folder_reaches_one_embedded_broker(tmp_path: Path) -> N
         assert done.returncode == 0, done.stderr[-2000:]
         ids.append(json.loads(done.stdout)["id"])
         assert not (tmp_path / folder / ".pipeq").exists()
+    # No worker: a --wait that runs out says so in one line and exits non-zero.
+    waited = _pipeq("submit", "sentiment", "x", "--wait", "0.5", cwd=tmp_path / "web", env=env)
+    assert waited.returncode == 1
+    assert waited.stderr.strip().endswith("is still queued after 0.5 s")
+    ids.append(json.loads(waited.stdout)["id"])
     data_dir = tmp_path / "xdg" / "pipeq"
     client = Client(Settings(data_dir=data_dir))
-    assert [client.get(job_id).status for job_id in ids] == ["queued", "queued"]
-    assert len(list((data_dir / "broker").glob("*.msg"))) == 2
+    assert [client.get(job_id).status for job_id in ids] == ["queued"] * 3
+    assert len(list((data_dir / "broker").glob("*.msg"))) == 3
+
+
+def test_version(tmp_path: Path) -> None:
+    done = _pipeq("--version", cwd=tmp_path, env=_embedded_env(tmp_path), timeout_s=60)
+    assert done.returncode == 0 and done.stdout.strip() == "pipeq 0.1.0"
