@@ -25,6 +25,14 @@ def queue_name(model: str, lane: str) -> str:
     return f"pipeq.{model}.{lane}"
 
 
+def model_of_queue(name: str) -> str | None:
+    """The model whose queue `name` is (`queue_name`'s inverse); None for another queue."""
+    for lane in LANES:
+        if name.startswith("pipeq.") and name.endswith(f".{lane}"):
+            return name.removeprefix("pipeq.").removesuffix(f".{lane}") or None
+    return None
+
+
 def model_queues(models: list[str]) -> list[Queue]:
     # Order matters: with queue_order_strategy=priority the worker always polls the
     # interactive queue of every model before any bulk queue.

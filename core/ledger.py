@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 
 import redis
 
+from pipeq.config.celery import LANES
 from pipeq.config.errors import Overloaded
 from pipeq.config.settings import Settings
 from pipeq.core.combine import Combiner
@@ -90,6 +91,15 @@ class QueueLedger:
             for model, lane in keys:
                 pipe.zcount(_CONSUMERS + _field(model, lane), since, "+inf")
             return dict(zip(keys, pipe.execute(), strict=True))
+
+    def live_workers(self, model: str) -> list[str]:
+        """Workers whose heartbeat for one of the model's lanes is fresh."""
+        since = time.time() - self._stale_s
+        with self._redis.pipeline(transaction=False) as pipe:
+            for lane in LANES:
+                pipe.zrangebyscore(_CONSUMERS + _field(model, lane), since, "+inf")
+            answers: list[list[bytes]] = pipe.execute()
+        return sorted({name.decode() for names in answers for name in names})
 
     def rate(self, model: str) -> float | None:
         """Items per second the model's live workers forward together; None when unmeasured."""

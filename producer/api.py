@@ -19,6 +19,7 @@ from pipeq.core.queue_depth import register_queue_depth
 from pipeq.producer.body_limit import BodyLimit
 from pipeq.producer.client import Client
 from pipeq.producer.http_errors import ERROR_RESPONSES, error_response, install_error_handlers
+from pipeq.producer.live_workers import live_workers
 
 MAX_WAIT_S = 60.0
 
@@ -94,7 +95,12 @@ def cancel_job(job_id: str, owner: Owner, client: TheClient) -> Any:
 
 @router.get("/v1/models", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
 def list_models(client: TheClient) -> dict[str, Any]:
-    return {name: spec.public() for name, spec in client.registry.models.items()}
+    """Each model of the registry, with the live workers serving it (`workers`)."""
+    workers = live_workers(client)
+    return {
+        name: {**spec.public(), "workers": workers.get(name, [])}
+        for name, spec in client.registry.models.items()
+    }
 
 
 @router.get("/healthz")

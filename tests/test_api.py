@@ -174,9 +174,12 @@ def test_every_error_has_one_body(settings: Settings) -> None:
         assert error["message"] and error["retryable"] is False
 
 
+@pytest.mark.usefixtures("session_worker")
 def test_models_health_metrics(api: httpx.Client) -> None:
     models = api.get("/v1/models").json()
     assert models["tiny-vit"]["task"] == "image-classification"
+    # The live workers serving each model, from their heartbeats in the queue ledger.
+    assert models["tiny-sentiment"]["workers"], models["tiny-sentiment"]
     assert api.get("/healthz").json() == {"status": "ok"}
     assert "pipeq_api_requests_total" in api.get("/metrics").text
 

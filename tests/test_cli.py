@@ -3,6 +3,8 @@ broker, `submit`, `models`."""
 
 from __future__ import annotations
 
+import base64
+import http.server
 import json
 import os
 import re
@@ -10,11 +12,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import redis
 from PIL import Image
 
 from pipeq.cli.client_commands import parse_param
@@ -90,8 +95,11 @@ def _free_port() -> int:
 
 
 def test_up_serves_jobs_on_the_embedded_broker(tmp_path: Path, model_dir: Path) -> None:
+    """`pipeq up` as a new user runs it, on the embedded broker; then the CLI over HTTP."""
     port = _free_port()
-    env = _embedded_env(tmp_path, PIPEQ_MODELS=str(model_dir / "models.yaml"))
+    env = _embedded_env(
+        tmp_path, PIPEQ_MODELS=str(model_dir / "models.yaml"), PIPEQ_WEBHOOK_SECRET=WEBHOOK_SECRET
+    )
     log = (tmp_path / "up.log").open("w")
     up = subprocess.Popen(
         [sys.executable, "-m", "pipeq.cli", "up", "--port", str(port), "--gpus", "cpu"],
@@ -117,6 +125,11 @@ def test_up_serves_jobs_on_the_embedded_broker(tmp_path: Path, model_dir: Path) 
             doc = http.get(f"/v1/jobs/{job}", params={"wait": 60}).json()
             assert doc["status"] == "succeeded", doc
             assert doc["outputs"][0][0]["label"] in {"NEGATIVE", "NEUTRAL", "POSITIVE"}
+            assert http.get("/v1/models").json()["tiny-sentiment"]["workers"]
+            # Not silently: webhooks need Redis, and `up` says so.
+            assert (
+                "webhooks are not sent on the embedded broker" in (tmp_path / "up.log").read_text()
+            )
         # The same job read back by `pipeq submit`'s sibling machinery: the CLI on the same data dir.
         listed = _pipeq("models", cwd=tmp_path, env=env)
         assert json.loads(listed.stdout)["tiny-sentiment"]["task"] == "text-classification"
@@ -144,6 +157,52 @@ def test_up_serves_jobs_on_the_embedded_broker(tmp_path: Path, model_dir: Path) 
     while _children_of_data_dir(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _children_of_data_dir(tmp_path)
+
+
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"pipeq-up-test-secret-0123").decode()
+
+
+class _Receiver:
+    """A webhook receiver on loopback that keeps the bodies it is sent."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.received = threading.Event()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+                owner.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+                owner.received.set()
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+
+
+def _kill_worker_of(tmp_path: Path) -> None:
+    """SIGKILL the `pipeq worker` supervisor that `up` started for this test's data dir."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if (
+            cmdline[1:5] == [b"-m", b"pipeq.cli", b"worker", b"--gpus"]
+            and str(tmp_path).encode() in environ
+        ):
+            os.kill(int(proc.name), signal.SIGKILL)
+            return
+    raise AssertionError("no worker of `pipeq up` found")
 
 
 def _http_first_cli(tmp_path: Path, env: dict[str, str], url: str) -> None:
@@ -182,6 +241,96 @@ def _http_first_cli(tmp_path: Path, env: dict[str, str], url: str) -> None:
         failed = _pipeq(*args, cwd=tmp_path, env=env, timeout_s=60)
         assert failed.returncode != 0, args
         assert failed.stderr.startswith(start) and failed.stderr.count("\n") == 1, failed.stderr
+
+
+def _start_up(tmp_path: Path, env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    log = (tmp_path / "up.log").open("w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeq.cli", "up", "--port", str(port), "--gpus", "cpu"],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _stop_up(up: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    up.send_signal(signal.SIGTERM)
+    up.wait(60)
+    deadline = time.monotonic() + 60
+    while _children_of_data_dir(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _children_of_data_dir(tmp_path)
+
+
+def test_up_supervises_its_children_and_sends_webhooks(
+    tmp_path: Path, model_dir: Path, worker_env: dict[str, str]
+) -> None:
+    """On Redis: `up` starts the webhook sender (a job's webhook reaches its receiver),
+    `/v1/models` names the live workers, and a worker killed under `up` is started again."""
+    port = _free_port()
+    receiver = _Receiver()
+    broker = worker_env["PIPEQ_BROKER_URL"].rsplit("/", 1)[0] + "/6"
+    redis.Redis.from_url(broker).flushdb()
+    env = _embedded_env(
+        tmp_path,
+        PIPEQ_MODELS=str(model_dir / "models.yaml"),
+        PIPEQ_BROKER_URL=broker,
+        PIPEQ_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        PIPEQ_ALLOW_PRIVATE_URLS="true",
+        PIPEQ_LEASE_S="5",
+    )
+    up = _start_up(tmp_path, env, port)
+    log = tmp_path / "up.log"
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=90) as http:
+            hooked = _submit_when_up(http, up, log, {"url": receiver.url, "events": ["succeeded"]})
+            assert receiver.received.wait(120), log.read_text()[-3000:]
+            assert json.loads(receiver.bodies[0])["id"] == hooked
+            assert http.get("/v1/models").json()["tiny-sentiment"]["workers"]
+            _kill_worker_of(tmp_path)
+            again = http.post("/v1/jobs", json={"model": "tiny-sentiment", "inputs": ["again"]})
+            job_id = again.json()["id"]
+            deadline = time.monotonic() + 180
+            doc = http.get(f"/v1/jobs/{job_id}").json()
+            while doc["status"] != "succeeded" and time.monotonic() < deadline:
+                doc = http.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()
+            assert doc["status"] == "succeeded", log.read_text()[-3000:]
+            assert "pipeq up: worker exited with -9; starting it again in 1 s" in log.read_text()
+    finally:
+        receiver.close()
+        _stop_up(up, tmp_path)
+
+
+def test_up_stops_when_its_worker_cannot_start(tmp_path: Path) -> None:
+    """A model that cannot load (offline, not on disk): `up` exits non-zero, names the model and
+    says where a local registry comes from, instead of an API that takes jobs nobody runs."""
+    registry = tmp_path / "models.yaml"
+    registry.write_text(
+        "models:\n  ghost:\n    task: text-classification\n    model: /nowhere/ghost-model\n"
+    )
+    env = _embedded_env(tmp_path, PIPEQ_MODELS=str(registry), HF_HUB_OFFLINE="1")
+    up = _start_up(tmp_path, env, _free_port())
+    assert up.wait(240) == 1
+    log = (tmp_path / "up.log").read_text()
+    assert "model 'ghost' (/nowhere/ghost-model) failed to load" in log, log[-3000:]
+    assert "needs a local registry: point PIPEQ_MODELS at one" in log
+    _stop_up(up, tmp_path)
+
+
+def _submit_when_up(
+    http: httpx.Client, up: subprocess.Popen[bytes], log: Path, webhook: dict[str, Any]
+) -> str:
+    """Submit a job with `webhook` once the API answers; its id."""
+    body = {"model": "tiny-sentiment", "inputs": ["hooked"], "webhook": webhook}
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            return str(http.post("/v1/jobs", json=body).json()["id"])
+        except httpx.TransportError:
+            assert up.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+    raise AssertionError("the API of `pipeq up` never answered")
 
 
 def _children_of_data_dir(tmp_path: Path) -> list[str]:

@@ -29,6 +29,9 @@ from pipeq.config.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+# `pipeq worker`'s exit code when its models cannot load: restarting it would not help.
+CANNOT_START = 2
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -149,7 +152,7 @@ def supervise(
     ports = {plan: metrics_port and metrics_port + i for i, plan in enumerate(plans)}
     engines = _plan_engines(plans)
     if not _start_engines(engines, argv, ports):
-        return 1
+        return CANNOT_START
     stopping = False
 
     def forward_signal(signum: int, _frame: FrameType | None) -> None:
