@@ -17,9 +17,9 @@ from pipeq.core.combine import Combiner
 from pipeq.core.jobs import JobDocument
 from pipeq.core.sqlite_records import SqliteRecords
 
-_KEY = "pipeq:job:"
-_DONE = "pipeq:done:"
-_DONE_TTL_S = 60
+RECORD_KEY = "pipeq:job:"
+DONE_KEY = "pipeq:done:"
+DONE_TTL_S = 60
 
 # KEYS[1] record, KEYS[2] its lane's pending set; ARGV[1] new status, ARGV[2] new doc, ARGV[3] ttl,
 # ARGV[4] job id, ARGV[5] the deliveries the record must hold ('' = any), ARGV[6..] allowed
@@ -131,7 +131,7 @@ class RedisRecords:
         pipe = self._redis.pipeline(transaction=False)
         for doc, fingerprint, message in entries:
             self._create(
-                keys=[_KEY + doc.id, pending_key(doc.model, doc.lane)],
+                keys=[RECORD_KEY + doc.id, pending_key(doc.model, doc.lane)],
                 args=[
                     fingerprint,
                     doc.status,
@@ -186,7 +186,7 @@ class RedisRecords:
         ids with no queued record leave the pending set."""
         pipe = self._redis.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.hmget(_KEY + job_id, "status", "msg")
+            pipe.hmget(RECORD_KEY + job_id, "status", "msg")
         messages, gone = [], []
         for job_id, (status, message) in zip(job_ids, pipe.execute(), strict=True):
             if status == b"queued" and message:
@@ -203,7 +203,7 @@ class RedisRecords:
         return messages
 
     def delete(self, job_id: str) -> None:
-        self._redis.delete(_KEY + job_id)
+        self._redis.delete(RECORD_KEY + job_id)
 
     def get(self, job_id: str) -> JobDocument | None:
         return self._gets(job_id)
@@ -211,7 +211,7 @@ class RedisRecords:
     def get_many(self, job_ids: list[str]) -> list[JobDocument | None]:
         pipe = self._redis.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.hget(_KEY + job_id, "doc")
+            pipe.hget(RECORD_KEY + job_id, "doc")
         return [
             None if raw is None else JobDocument.model_validate_json(raw) for raw in pipe.execute()
         ]
@@ -227,7 +227,7 @@ class RedisRecords:
         calls = []
         for doc, from_statuses, deliveries in changes:
             held = "" if deliveries is None else deliveries
-            keys = [_KEY + doc.id, pending_key(doc.model, doc.lane)]
+            keys = [RECORD_KEY + doc.id, pending_key(doc.model, doc.lane)]
             args = [doc.status, doc.model_dump_json(), self._ttl_s, doc.id, held, *from_statuses]
             calls.append((keys, args))
         answers: list[tuple[bool, JobDocument | None]] = []
@@ -269,7 +269,7 @@ class RedisRecords:
     def put_many(self, docs: list[JobDocument]) -> list[None]:
         pipe = self._redis.pipeline()
         for doc in docs:
-            key = _KEY + doc.id
+            key = RECORD_KEY + doc.id
             pipe.hset(key, mapping={"status": doc.status, "doc": doc.model_dump_json()})
             pipe.expire(key, self._ttl_s)
             if doc.done:
@@ -281,15 +281,15 @@ class RedisRecords:
     def _signal_finished(pipe: Any, job_id: str) -> None:
         # One token in a list that expires: a waiter's BLPOP wakes at once, and it puts the
         # token back for the next (wait_finished). Polling would cost each waiter its interval.
-        pipe.lpush(_DONE + job_id, 1)
-        pipe.expire(_DONE + job_id, _DONE_TTL_S)
+        pipe.lpush(DONE_KEY + job_id, 1)
+        pipe.expire(DONE_KEY + job_id, DONE_TTL_S)
 
     def wait_finished(self, job_id: str, timeout_s: float) -> None:
         # Under the connection's socket timeout (10 s); callers loop until their deadline.
         seconds = min(timeout_s, 5.0)
         if seconds <= 0:
             return
-        if self._redis.blpop([_DONE + job_id], timeout=seconds) is not None:
+        if self._redis.blpop([DONE_KEY + job_id], timeout=seconds) is not None:
             pipe = self._redis.pipeline()
             self._signal_finished(pipe, job_id)
             pipe.execute()

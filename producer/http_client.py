@@ -29,14 +29,11 @@ class HttpClient:
         *,
         timeout_s: float = 30.0,
         retry_budget_s: float = 30.0,
-        transport: httpx.BaseTransport | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # Read timeout past the longest long-poll, so a `wait` is not cut short by httpx.
         timeout = httpx.Timeout(timeout_s, read=MAX_WAIT_S + timeout_s)
-        self._http = httpx.Client(
-            base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport
-        )
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
         self.retry_budget_s = retry_budget_s
 
     def submit(
@@ -53,20 +50,8 @@ class HttpClient:
     ) -> str:
         """Queue one job and return its id. Its idempotency key (`id`, a new one if not given)
         makes a retried submit return the same job instead of queueing another."""
-        body = {
-            "model": model,
-            "inputs": [_plain(item) for item in inputs],
-            "params": params or {},
-            "priority": priority,
-            "id": id or uuid.uuid4().hex,
-            "webhook": _plain(webhook),
-            "store": store,
-            "deadline_s": deadline_s,
-        }
-        answer = self._request(
-            "POST", "/v1/jobs", json={k: v for k, v in body.items() if v is not None}
-        )
-        return str(answer.json()["id"])
+        body = submit_body(model, inputs, params, priority, id, webhook, store, deadline_s)
+        return str(self._request("POST", "/v1/jobs", json=body).json()["id"])
 
     def get(self, job_id: str, *, wait_s: float = 0.0, presign: bool = False) -> JobDocument:
         """The job's record; with `wait_s`, once it is done or `wait_s` (at most 60) has passed."""
@@ -113,6 +98,30 @@ class HttpClient:
             if response.status_code not in RETRIED or time.monotonic() + delay_s > give_up:
                 raise error_of(response)
             time.sleep(delay_s)
+
+
+def submit_body(
+    model: str,
+    inputs: list[Any],
+    params: dict[str, Any] | None,
+    priority: Lane,
+    id: str | None,
+    webhook: Webhook | dict[str, Any] | None,
+    store: str,
+    deadline_s: float | None,
+) -> dict[str, Any]:
+    """The `POST /v1/jobs` body, with an idempotency key of its own where `id` is not given."""
+    body = {
+        "model": model,
+        "inputs": [_plain(item) for item in inputs],
+        "params": params or {},
+        "priority": priority,
+        "id": id or uuid.uuid4().hex,
+        "webhook": _plain(webhook),
+        "store": store,
+        "deadline_s": deadline_s,
+    }
+    return {key: value for key, value in body.items() if value is not None}
 
 
 def retry_after_s(response: httpx.Response) -> float:
