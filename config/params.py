@@ -74,6 +74,9 @@ class ZeroShotParams(_Params):
 
 class FeatureExtractionParams(_Params):
     truncation: bool | None = None
+    # pipeq's own, on the library's answer: one vector per input (sentence-transformers, TEI).
+    pooling: Literal["mean", "cls", "none"] | None = None
+    normalize: bool | None = None
 
 
 class ImageClassificationParams(_Params):

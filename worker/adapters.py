@@ -36,9 +36,27 @@ class TextClassification(StagedPipeline):
 
 class FeatureExtraction(StagedPipeline):
     """One vector per token: batching pads, so each output is cut back to its own input's
-    length (pipeline(input) never sees padding)."""
+    length (pipeline(input) never sees padding). `pooling` (mean over the input's tokens, or
+    its first, CLS, token) and `normalize` (to unit length) make one vector per input, as
+    sentence-transformers and TEI give; the pipeline never sees those two params."""
 
     window_tokenized = True
+
+    def postprocess(self, outputs: list[Any], call: CallParams) -> Any:
+        pooling = call.given.get("pooling") or "none"
+        if pooling == "none" and not call.given.get("normalize"):
+            return super().postprocess(outputs, call)
+        tokens = self._postprocess(outputs[0], return_tensors=True).float()  # [1, T, H]
+        vectors = (
+            tokens.mean(dim=1)
+            if pooling == "mean"
+            else tokens[:, 0]
+            if pooling == "cls"
+            else tokens
+        )
+        if call.given.get("normalize"):
+            vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
+        return vectors.tolist() if pooling == "none" else vectors[0].tolist()
 
     def unbatch(
         self, output: Any, parts: list[ModelInputs], call: CallParams, batched: bool
