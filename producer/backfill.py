@@ -15,6 +15,7 @@ store holds only what is in flight.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 import time
@@ -42,11 +43,23 @@ from pipeq.producer.manifest import (
     read_manifest,
     s3_client,
 )
-from pipeq.producer.shards import SHARD_LINES, Shards, Store, open_store, shard_index, written_ids
+from pipeq.producer.shards import (
+    SHARD_LINES,
+    Shards,
+    Store,
+    open_store,
+    shard_index,
+    shard_totals,
+    written_ids,
+)
 
 # Inputs per Client.submit_many call: 0.1-0.2 s of publishing at the rate bench/publish.py
 # measures (100k-150k inputs/s), so finished jobs are still collected several times a second.
+log = logging.getLogger(__name__)
+
 GROUP_INPUTS = 20_000
+# Without a terminal, a progress line this often (seconds).
+LOG_EVERY_S = 5.0
 
 
 # --- jobs --------------------------------------------------------------------------------------
@@ -77,6 +90,7 @@ class _Run:
         self.progress: Progress | None = None
         self.task = TaskID(0)
         self._last_poll = 0.0
+        self.logged_at = 0.0
 
     def submit(self, jobs: list[_Job]) -> None:
         """Publish `jobs`, each group only once there is room for it under `max_in_flight`."""
@@ -251,11 +265,14 @@ def backfill(
         raise UnknownModel(
             f"unknown model {model!r}; this service has {', '.join(client.registry.models)}"
         )
+    if not manifest.startswith("s3://") and not Path(manifest).is_file():
+        raise FileNotFoundError(f"no manifest at {manifest}; nothing was started")
     if s3 is None and (manifest.startswith("s3://") or (out or "").startswith("s3://")):
         s3 = s3_client(client.settings.s3_endpoint_url)
     out = out or default_out(manifest)
     store = open_store(out, s3)
     done = _resume_point(store, resume, out)
+    earlier = shard_totals(store)
     summary = Summary(model=model, manifest=manifest, out=out)
     run = _Run(client, store, summary, max_in_flight)
     started = time.monotonic()
@@ -278,6 +295,8 @@ def backfill(
         (summary.succeeded + summary.failed) / max(summary.elapsed_s, 1e-9), 1
     )
     summary.complete = not run.in_flight and not run.stopping
+    summary.total_succeeded = earlier["succeeded"] + summary.succeeded
+    summary.total_failed = earlier["failed"] + summary.failed
     store.put("summary.json", json.dumps(asdict(summary), indent=2) + "\n")
     return summary
 
@@ -334,6 +353,26 @@ def default_out(manifest: str) -> str:
 
 
 def _show_rate(run: _Run, started: float) -> None:
-    if run.progress is not None:
-        rate = (run.summary.succeeded + run.summary.failed) / max(time.monotonic() - started, 1e-9)
-        run.progress.update(run.task, rate=rate)
+    if run.progress is None:
+        return
+    summary = run.summary
+    rate = (summary.succeeded + summary.failed) / max(time.monotonic() - started, 1e-9)
+    run.progress.update(run.task, rate=rate)
+    # No terminal (a cron job, a pod's log): the bar would stay silent, so a line now and then.
+    if run.progress.disable or run.progress.console.is_terminal:
+        return
+    now = time.monotonic()
+    if now - run.logged_at < LOG_EVERY_S:
+        return
+    run.logged_at = now
+    total = run.progress.tasks[0].total or 0
+    done = summary.succeeded + summary.failed + summary.skipped
+    eta = f"{(total - done) / rate:.0f} s" if rate > 0 and total >= done else "unknown"
+    log.info(
+        "backfill: %d of %d done, %d failed, %.0f inputs/s, ETA %s",
+        done,
+        total,
+        summary.failed,
+        rate,
+        eta,
+    )

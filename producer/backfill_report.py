@@ -33,6 +33,9 @@ class Summary:
     elapsed_s: float = 0.0
     inputs_per_s: float = 0.0
     complete: bool = False
+    # Across every run into this output (a resumed backfill's summary is the whole one's).
+    total_succeeded: int = 0
+    total_failed: int = 0
 
 
 def progress_bar(enabled: bool) -> Progress:

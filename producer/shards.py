@@ -137,6 +137,16 @@ def shard_index(name: str, stem: str) -> int:
     return int(number) if is_shard else -1
 
 
+def shard_totals(store: Store) -> dict[str, int]:
+    """Lines of the output's part-* (succeeded) and failed-* shards: every earlier run's."""
+    totals = {"succeeded": 0, "failed": 0}
+    for name in store.names():
+        for kind, total in (("part", "succeeded"), ("failed", "failed")):
+            if shard_index(name, kind) >= 0:
+                totals[total] += sum(1 for _ in store.lines(name))
+    return totals
+
+
 def written_ids(store: Store, names: list[str]) -> set[str]:
     """Every id in the output's shards, finished or failed."""
     done: set[str] = set()

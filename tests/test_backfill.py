@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -361,3 +362,36 @@ def test_input_its_model_cannot_take_is_a_bad_line(client: Client, tmp_path: Pat
     assert failed["error"]["message"] == (
         f"line 1: the input is a document; {MODEL} (text-classification) takes a string"
     )
+
+
+def test_unattended_run_logs_progress_and_resumed_totals_add_up(
+    worker_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A backfill whose stderr is no terminal (cron, a pod) logs its progress; a resumed run's
+    summary.json holds the totals of every run into the output, bad lines included."""
+    manifest = tmp_path / "manifest.jsonl"
+    lines = [json.dumps({"id": f"doc-{i}", "input": t}) for i, t in enumerate(texts(40))]
+    lines[3] = json.dumps({"id": "bad-1", "input": {"nope": 1}})
+    lines[7] = json.dumps({"id": "bad-2", "input": {"nope": 2}})
+    manifest.write_text("\n".join(lines[:30]) + "\n")
+    out = tmp_path / "out"
+    first = run_cli(worker_env, str(manifest), "--model", MODEL, "--out", str(out))
+    _, stderr = first.communicate(timeout=240)
+    assert first.returncode == 0, stderr[-2000:]
+    assert re.search(r"backfill: \d+ of 30 done, \d+ failed, \d+ inputs/s, ETA ", stderr), stderr
+    manifest.write_text("\n".join(lines) + "\n")  # ten more lines since
+    again = run_cli(worker_env, str(manifest), "--model", MODEL, "--out", str(out), "--resume")
+    _, stderr = again.communicate(timeout=240)
+    assert again.returncode == 0, stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["succeeded"], summary["failed"], summary["skipped"]) == (10, 0, 30)
+    assert (summary["total_succeeded"], summary["total_failed"]) == (38, 2)
+
+
+def test_missing_manifest_creates_nothing(worker_env: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = run_cli(worker_env, str(tmp_path / "nope.jsonl"), "--model", MODEL, "--out", str(out))
+    _, stderr = done.communicate(timeout=120)
+    assert done.returncode != 0
+    assert "no manifest at" in stderr and str(tmp_path / "nope.jsonl") in stderr
+    assert not out.exists()
