@@ -10,30 +10,42 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 
-from pipeq.config.errors import JobConflict, Unauthorized
+from pipeq.config.errors import InvalidRequest, JobConflict, Unauthorized
 from pipeq.core.jobs import JobAccepted, JobDocument, JobRequest, owner_of
 from pipeq.core.queue_depth import register_queue_depth
 from pipeq.producer.body_limit import BodyLimit
 from pipeq.producer.client import Client
-from pipeq.producer.http_errors import ERROR_RESPONSES, error_response, install_error_handlers
+from pipeq.producer.http_errors import error_response, errors_of, install_error_handlers
 from pipeq.producer.live_workers import live_workers
 
 MAX_WAIT_S = 60.0
 
 
+# Security schemes of the OpenAPI document (Swagger UI's Authorize); checked in require_key.
+_BEARER = HTTPBearer(auto_error=False, description="an API key of PIPEQ_API_KEYS")
+_API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="the same key")
+
+
 def require_key(
     request: Request,
-    authorization: Annotated[str | None, Header()] = None,
-    x_api_key: Annotated[str | None, Header()] = None,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)] = None,
+    x_api_key: Annotated[str | None, Depends(_API_KEY)] = None,
 ) -> str | None:
     """The caller's owner (`owner_of` its key); None when no keys are set (one user)."""
     keys: list[str] = request.app.state.api_keys
     if not keys:
         return None
-    given = (x_api_key or (authorization or "").removeprefix("Bearer ").strip()).encode()
+    given = (x_api_key or (bearer.credentials if bearer else "")).encode()
     # Every key is compared, so the time taken does not say which one matched.
     matched = [key for key in keys if hmac.compare_digest(given, key.encode())]
     if not matched:
@@ -54,19 +66,42 @@ TheClient = Annotated[Client, Depends(the_client)]
 router = APIRouter()
 
 
+_LOCATION = {"Location": {"description": "the job's URL", "schema": {"type": "string"}}}
+
+
 @router.post(
     "/v1/jobs",
     status_code=202,
     response_model=JobAccepted,
-    responses={200: {"model": JobAccepted}, **ERROR_RESPONSES},
+    responses={
+        202: {"description": "Queued", "headers": _LOCATION},
+        200: {"model": JobAccepted, "description": "The job of this id, already submitted"},
+        **errors_of(401, 404, 409, 413, 422, 429, 503),
+    },
 )
-def submit(body: JobRequest, owner: Owner, client: TheClient) -> Any:
+def submit(
+    body: JobRequest,
+    owner: Owner,
+    client: TheClient,
+    idempotency_key: Annotated[
+        str | None, Header(description="the job's id, if the body gives none", max_length=200)
+    ] = None,
+) -> Any:
+    if idempotency_key is not None:
+        if body.id not in (None, idempotency_key):
+            raise InvalidRequest("Idempotency-Key and the body's id differ; give one")
+        body = body.model_copy(update={"id": idempotency_key})
     doc, created = client.submit_request(body, owner)
     accepted = JobAccepted(id=doc.public_id, status=doc.status)
-    return accepted if created else JSONResponse(accepted.model_dump(), status_code=200)
+    location = {"Location": f"/v1/jobs/{doc.public_id}"}
+    return JSONResponse(
+        accepted.model_dump(), status_code=202 if created else 200, headers=location
+    )
 
 
-@router.get("/v1/jobs/{job_id}", response_model=JobDocument, responses=ERROR_RESPONSES)
+@router.get(
+    "/v1/jobs/{job_id}", response_model=JobDocument, responses=errors_of(401, 404, 422, 503)
+)
 async def get_job(
     job_id: str,
     owner: Owner,
@@ -83,7 +118,10 @@ async def get_job(
 
 
 @router.delete(
-    "/v1/jobs/{job_id}", status_code=202, response_model=JobDocument, responses=ERROR_RESPONSES
+    "/v1/jobs/{job_id}",
+    status_code=202,
+    response_model=JobDocument,
+    responses=errors_of(401, 404, 409, 422, 503),
 )
 def cancel_job(job_id: str, owner: Owner, client: TheClient) -> Any:
     doc, cancelled = client.cancel(job_id, owner)
@@ -93,7 +131,7 @@ def cancel_job(job_id: str, owner: Owner, client: TheClient) -> Any:
     return doc.public()
 
 
-@router.get("/v1/models", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
+@router.get("/v1/models", dependencies=[Depends(require_key)], responses=errors_of(401, 503))
 def list_models(client: TheClient) -> dict[str, Any]:
     """Each model of the registry, with the live workers serving it (`workers`)."""
     workers = live_workers(client)
@@ -103,7 +141,7 @@ def list_models(client: TheClient) -> dict[str, Any]:
     }
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses=errors_of(503))
 def healthz(client: TheClient) -> dict[str, str]:
     client.records.ping()
     return {"status": "ok"}
@@ -131,6 +169,12 @@ def _add_metrics(app: FastAPI, client: Client) -> None:
         ["route", "status"],
         registry=metrics,
     )
+    latency = Histogram(
+        "pipeq_api_request_seconds",
+        "API request latency by route and method",
+        ["route", "method"],
+        registry=metrics,
+    )
     register_queue_depth(
         metrics,
         client.settings.broker_url,
@@ -142,11 +186,17 @@ def _add_metrics(app: FastAPI, client: Client) -> None:
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Response:
+        began = time.perf_counter()
         response: Response = await call_next(request)
-        route = request.scope.get("route")
-        requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        requests.labels(route, str(response.status_code)).inc()
+        latency.labels(route, request.method).observe(time.perf_counter() - began)
         return response
 
-    @app.get("/metrics", include_in_schema=True)
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}},
+    )
     def prometheus() -> Response:
         return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)

@@ -45,6 +45,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+def errors_of(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The error answers a route may give, for its OpenAPI entry."""
+    return {status: ERROR_RESPONSES[status] for status in statuses}
+
+
 def error_response(exc: PipeqError, **extra: Any) -> JSONResponse:
     body = ErrorBody(error=exc.to_info(), **extra)
     headers = None if exc.retry_after_s is None else {"Retry-After": f"{exc.retry_after_s:g}"}

@@ -184,10 +184,46 @@ def test_models_health_metrics(api: httpx.Client) -> None:
     assert "pipeq_api_requests_total" in api.get("/metrics").text
 
 
-def test_openapi_documents_every_status(api: httpx.Client) -> None:
+def test_openapi_is_honest(api: httpx.Client) -> None:
+    """A valid OpenAPI document: each route's own statuses with the one error body, /metrics as
+    text, the API keys as security schemes, and the Location header of a 202."""
+    from openapi_spec_validator import validate
+
     spec = api.get("/openapi.json").json()
-    post = spec["paths"]["/v1/jobs"]["post"]["responses"]
-    assert {"200", "202", "401", "404", "409", "413", "422", "503"} <= set(post)
+    validate(spec)
+    statuses = {
+        ("/v1/jobs", "post"): {"200", "202", "401", "404", "409", "413", "422", "429", "503"},
+        ("/v1/jobs/{job_id}", "get"): {"200", "401", "404", "422", "503"},
+        ("/v1/jobs/{job_id}", "delete"): {"202", "401", "404", "409", "422", "503"},
+        ("/v1/models", "get"): {"200", "401", "503"},
+    }
+    for (path, method), expected in statuses.items():
+        responses = spec["paths"][path][method]["responses"]
+        assert set(responses) == expected, (path, method)
+        for status in expected - {"200", "202"}:
+            schema = responses[status]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (path, method, status)
+        assert {"HTTPBearer", "APIKeyHeader"} <= {
+            name for scheme in spec["paths"][path][method]["security"] for name in scheme
+        }
+    assert "Location" in spec["paths"]["/v1/jobs"]["post"]["responses"]["202"]["headers"]
+    assert set(spec["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader"}
+    metrics = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert set(metrics) == {"text/plain"}
+
+
+def test_location_and_idempotency_key_header(idle_api: httpx.Client) -> None:
+    body = {"model": "tiny-sentiment", "inputs": ["keyed"]}
+    first = idle_api.post("/v1/jobs", json=body, headers={"Idempotency-Key": "order-77"})
+    assert first.status_code == 202 and first.json()["id"] == "order-77"
+    assert first.headers["Location"] == "/v1/jobs/order-77"
+    again = idle_api.post("/v1/jobs", json=body, headers={"Idempotency-Key": "order-77"})
+    assert again.status_code == 200 and again.headers["Location"] == "/v1/jobs/order-77"
+    clash = idle_api.post(
+        "/v1/jobs", json={**body, "id": "other"}, headers={"Idempotency-Key": "order-77"}
+    )
+    assert clash.status_code == 422 and clash.json()["error"]["type"] == "InvalidRequest"
+    assert "pipeq_api_request_seconds_bucket" in idle_api.get("/metrics").text
 
 
 def test_api_keys(settings: Settings) -> None:
