@@ -6,7 +6,9 @@ import argparse
 import json
 from typing import Any
 
+from pipeq.config.errors import InvalidInput
 from pipeq.config.settings import Settings
+from pipeq.core.webhook_urls import refused_webhook
 
 
 def cmd_webhooks_worker(args: argparse.Namespace) -> int:
@@ -40,9 +42,11 @@ def cmd_webhooks_replay(args: argparse.Namespace) -> int:
     from pipeq.core.webhooks import DeadLetters
 
     settings = Settings()
+    if args.url and not settings.allow_private_urls and (why := refused_webhook(args.url)):
+        raise InvalidInput(f"--url: {why}")
     dead, celery = DeadLetters(settings.effective_result_url), make_celery(settings)
     for webhook_id in args.ids:
-        delivery = dead.replay(celery, webhook_id)
+        delivery = dead.replay(celery, webhook_id, args.url)
         print(f"replaying {delivery.id} -> {delivery.url}")
     return 0
 
@@ -58,4 +62,5 @@ def add_webhook_commands(commands: Any) -> None:
     failed.set_defaults(func=cmd_webhooks_failed)
     replay = hooks.add_parser("replay", help="deliver dead-lettered webhooks again")
     replay.add_argument("ids", nargs="+", metavar="ID", help="webhook-id, as `failed` lists it")
+    replay.add_argument("--url", help="deliver to this URL instead of the job's own")
     replay.set_defaults(func=cmd_webhooks_replay)

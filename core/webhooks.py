@@ -137,10 +137,14 @@ class DeadLetters:
             )
         return DeadLetter.model_validate_json(raw)
 
-    def replay(self, celery: Celery, webhook_id: str) -> WebhookDelivery:
-        """Publish a dead letter again, with a fresh retry span; kept if the broker refuses."""
+    def replay(self, celery: Celery, webhook_id: str, url: str | None = None) -> WebhookDelivery:
+        """Publish a dead letter again (to `url` instead of its own, if given), with a fresh
+        retry span; kept if the broker refuses."""
         letter = self.take(webhook_id)
-        delivery = letter.delivery.model_copy(update={"first_attempt_at": time.time()})
+        update: dict[str, Any] = {"first_attempt_at": time.time()}
+        if url is not None:
+            update["url"] = url
+        delivery = letter.delivery.model_copy(update=update)
         try:
             publish(celery, delivery)
         except Exception:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import threading
@@ -30,7 +32,7 @@ from standardwebhooks.webhooks import Webhook
 from pipeq.config.celery import make_celery
 from pipeq.config.errors import InvalidSignature, JobNotFound
 from pipeq.config.settings import Settings
-from pipeq.core.jobs import JobDocument
+from pipeq.core.jobs import JobDocument, JobRequest
 from pipeq.core.stores import ResultStores
 from pipeq.core.webhooks import DeadLetters, verify
 from pipeq.producer.api import create_app
@@ -210,10 +212,15 @@ def sentiment_worker(
 @pytest.fixture(scope="module")
 def webhooks_worker(
     own_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[None]:
+) -> Iterator[str]:
+    """The sender, and the URL of its /metrics."""
     log_path = tmp_path_factory.mktemp("results-logs") / "webhooks-worker.log"
-    with running_webhooks_worker(own_env, log_path, concurrency=8):
-        yield
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    env = {**own_env, "PIPEQ_METRICS_PORT": str(port)}
+    with running_webhooks_worker(env, log_path, concurrency=8):
+        yield f"http://127.0.0.1:{port}/metrics"
 
 
 @contextmanager
@@ -352,9 +359,12 @@ def test_link_and_link_error_get_the_job_document(
     ):
         ok = own_client.submit("tiny-features", ["fine"], link=link, link_error=link_error)
         # A text model cannot use a file as its one input: every input fails, so the job fails.
-        bad = own_client.submit(
-            "tiny-features", [{"path": "/etc/passwd"}], link=link, link_error=link_error
-        )
+        # Published by hand: the submit itself would refuse it (InvalidInput).
+        message = JobRequest.model_validate(
+            {"model": "tiny-features", "inputs": [{"path": "/etc/passwd"}]}
+        ).to_message(owner=None)
+        own_client.send([message], link=link, link_error=link_error)
+        bad = message.id
         deadline = time.monotonic() + 60
         while len(received) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -402,7 +412,7 @@ def test_webhook_of_an_s3_result_carries_a_presigned_url(
 
 @pytest.mark.usefixtures("features_worker", "webhooks_worker")
 def test_unanswered_webhook_is_dead_lettered_then_replayed(
-    own_client: Client, own_env: dict[str, str], receiver: Receiver
+    own_client: Client, own_env: dict[str, str], receiver: Receiver, webhooks_worker: str
 ) -> None:
     receiver.script("/down", ["hang"])
     job_id = own_client.submit(
@@ -422,9 +432,16 @@ def test_unanswered_webhook_is_dead_lettered_then_replayed(
         {"id": entry["id"], "attempts": entry["attempts"]} for entry in listed
     ]
 
-    receiver.script("/down", [200])
-    _cli(own_env, "webhooks", "replay", webhook_id)
-    hits = receiver.wait_for("/down", lambda hits: any(hit.status == 200 for hit in hits))
+    # What Prometheus scrapes, and docs/monitoring.md's dead-letter alert reads.
+    metrics = httpx.get(webhooks_worker, timeout=10).text
+    assert re.search(r"^pipeq_webhook_dead_letters_total [1-9]", metrics, re.M), metrics
+    assert 'pipeq_webhook_deliveries_total{event="succeeded",outcome="retried"}' in metrics
+    assert "pipeq_webhook_delivery_seconds_bucket" in metrics
+
+    # Replayed to another URL (the receiver moved).
+    receiver.script("/elsewhere", [200])
+    _cli(own_env, "webhooks", "replay", webhook_id, "--url", receiver.url("/elsewhere"))
+    hits = receiver.wait_for("/elsewhere", lambda hits: any(hit.status == 200 for hit in hits))
     delivered = [hit for hit in hits if hit.status == 200]
     assert len(delivered) == 1 and delivered[0].headers["webhook-id"] == webhook_id
     assert verify(delivered[0].body, delivered[0].headers, SECRET)["status"] == "succeeded"

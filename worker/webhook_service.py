@@ -23,6 +23,8 @@ from pipeq.core.stores import ResultStores
 from pipeq.core.webhooks import DeadLetter, DeadLetters, WebhookDelivery
 from pipeq.worker.callbacks import WebhookSender, backoff_s
 from pipeq.worker.guarded_network import guarded_client
+from pipeq.worker.metrics_server import serve_metrics
+from pipeq.worker.webhook_metrics import WEBHOOK_DEAD_LETTERS, WEBHOOK_DELIVERIES, WEBHOOK_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,11 @@ def create_webhooks_app(settings: Settings, sender: WebhookSender, dead: DeadLet
         except ValidationError as exc:
             log.error("dropping a message that is not a pipeq webhook: %s", exc)
             return
+        began = time.perf_counter()
         failure = sender.send(delivery)
+        WEBHOOK_SECONDS.labels(delivery.event).observe(time.perf_counter() - began)
         if failure is None:
+            WEBHOOK_DELIVERIES.labels(delivery.event, "delivered").inc()
             # The host only: a webhook URL often carries the receiver's token.
             log.info("webhook %s delivered to %s", delivery.id, httpx.URL(delivery.url).host)
             return
@@ -52,12 +57,15 @@ def create_webhooks_app(settings: Settings, sender: WebhookSender, dead: DeadLet
         if failure.retryable and time.time() + delay_s < give_up_at:
             # At least 1 s: on RabbitMQ (quorum queues), Celery's native delayed delivery
             # refuses a countdown that rounds down to 0 s.
+            WEBHOOK_DELIVERIES.labels(delivery.event, "retried").inc()
             raise self.retry(countdown=max(1.0, delay_s))
         attempts = self.request.retries + 1
         letter = DeadLetter(
             delivery=delivery, error=failure.reason, attempts=attempts, failed_at=time.time()
         )
         dead.add(letter)
+        WEBHOOK_DELIVERIES.labels(delivery.event, "dead").inc()
+        WEBHOOK_DEAD_LETTERS.inc()
         log.warning(
             "webhook %s to %s is a dead letter after %d attempt(s): %s",
             delivery.id,
@@ -89,6 +97,7 @@ def serve_webhooks(settings: Settings, concurrency: int) -> int:
             raise ConfigError(
                 f"a secret in PIPEQ_API_KEYS is not a whsec_<base64> secret: {exc}"
             ) from exc
+    serve_metrics(settings.metrics_port, settings.metrics_host)
     records = open_records(settings.effective_result_url, settings.result_ttl_s)
     http = webhook_http_client(settings)
     sender = WebhookSender(settings, http, ResultStores(settings, records))
