@@ -396,7 +396,8 @@ def test_submit_from_any_folder_reaches_one_embedded_broker(tmp_path: Path) -> N
     assert waited.stderr.strip().endswith("is still queued after 0.5 s")
     ids.append(json.loads(waited.stdout)["id"])
     data_dir = tmp_path / "xdg" / "pipeq"
-    client = Client(Settings(data_dir=data_dir))
+    # Explicitly embedded: this test process may hold the suite's PIPEQ_BROKER_URL.
+    client = Client(Settings(data_dir=data_dir, broker_url=None, result_url=None))
     assert [client.get(job_id).status for job_id in ids] == ["queued"] * 3
     assert len(list((data_dir / "broker").glob("*.msg"))) == 3
 
