@@ -10,9 +10,14 @@ from typing import Any
 
 import httpx
 
-from pipeq.config.errors import ServiceUnavailable
 from pipeq.core.jobs import JobDocument, Lane, Webhook
-from pipeq.producer.http_client import MAX_WAIT_S, RETRIED, error_of, retry_after_s, submit_body
+from pipeq.producer.http_client import (
+    MAX_WAIT_S,
+    http_options,
+    retry_delay_s,
+    submit_body,
+    unreachable,
+)
 
 
 class AsyncHttpClient:
@@ -24,9 +29,7 @@ class AsyncHttpClient:
         timeout_s: float = 30.0,
         retry_budget_s: float = 30.0,
     ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        timeout = httpx.Timeout(timeout_s, read=MAX_WAIT_S + timeout_s)
-        self._http = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self._http = httpx.AsyncClient(**http_options(url, api_key, timeout_s))
         self.retry_budget_s = retry_budget_s
 
     async def submit(
@@ -77,12 +80,7 @@ class AsyncHttpClient:
             try:
                 response = await self._http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
-                raise ServiceUnavailable(
-                    f"the API at {self._http.base_url} cannot be reached: {exc}"
-                ) from exc
+                raise unreachable(self._http.base_url, exc) from exc
             if response.status_code < 400:
                 return response
-            delay_s = retry_after_s(response)
-            if response.status_code not in RETRIED or time.monotonic() + delay_s > give_up:
-                raise error_of(response)
-            await asyncio.sleep(delay_s)
+            await asyncio.sleep(retry_delay_s(response, give_up))

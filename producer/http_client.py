@@ -30,10 +30,7 @@ class HttpClient:
         timeout_s: float = 30.0,
         retry_budget_s: float = 30.0,
     ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        # Read timeout past the longest long-poll, so a `wait` is not cut short by httpx.
-        timeout = httpx.Timeout(timeout_s, read=MAX_WAIT_S + timeout_s)
-        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self._http = httpx.Client(**http_options(url, api_key, timeout_s))
         self.retry_budget_s = retry_budget_s
 
     def submit(
@@ -89,15 +86,31 @@ class HttpClient:
             try:
                 response = self._http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
-                raise ServiceUnavailable(
-                    f"the API at {self._http.base_url} cannot be reached: {exc}"
-                ) from exc
+                raise unreachable(self._http.base_url, exc) from exc
             if response.status_code < 400:
                 return response
-            delay_s = retry_after_s(response)
-            if response.status_code not in RETRIED or time.monotonic() + delay_s > give_up:
-                raise error_of(response)
-            time.sleep(delay_s)
+            time.sleep(retry_delay_s(response, give_up))
+
+
+def http_options(url: str, api_key: str | None, timeout_s: float) -> dict[str, Any]:
+    """What `HttpClient` and `AsyncHttpClient` give their httpx client."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    # Read timeout past the longest long-poll, so a `wait` is not cut short by httpx.
+    timeout = httpx.Timeout(timeout_s, read=MAX_WAIT_S + timeout_s)
+    return {"base_url": url.rstrip("/"), "headers": headers, "timeout": timeout}
+
+
+def unreachable(base_url: httpx.URL, exc: Exception) -> ServiceUnavailable:
+    return ServiceUnavailable(f"the API at {base_url} cannot be reached: {exc}")
+
+
+def retry_delay_s(response: httpx.Response, give_up: float) -> float:
+    """How long to wait before asking again after the error `response`; raises the error when
+    it is not retried (not 429 or 503) or its Retry-After would pass the budget (`give_up`)."""
+    delay_s = retry_after_s(response)
+    if response.status_code not in RETRIED or time.monotonic() + delay_s > give_up:
+        raise error_of(response)
+    return delay_s
 
 
 def submit_body(
