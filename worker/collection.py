@@ -81,13 +81,14 @@ class Collection:
         outputs: list[Any] = []
         errors: list[ErrorInfo | None] = []
         answered: dict[int, tuple[Any, ErrorInfo | None]] = {}
+        cached = 0
         for future in run.prepared:
-            if id(future) not in answered:
+            if id(future) not in answered:  # identical inputs of a job share one future
                 answered[id(future)] = self._answer(run, served, call, future)
+                cached += _from_cache(future)
             output, error = answered[id(future)]
             outputs.append(output)
             errors.append(error)
-        cached = sum(map(_from_cache, {id(f): f for f in run.prepared}.values()))
         return outputs, errors, cached
 
     def _answer(
