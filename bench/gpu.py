@@ -51,7 +51,8 @@ from bench.harness import (
     versions,
     write_results,
 )
-from pipeq.config.celery import make_celery, queue_name
+from pipeq.config.celery import make_celery
+from pipeq.config.queues import queue_name
 from pipeq.config.settings import Settings
 from pipeq.core.jobs import JobRequest
 from pipeq.producer.client import Client

@@ -13,34 +13,14 @@ from celery.app.amqp import AMQP
 from kombu import Exchange, Queue
 from kombu.common import Broadcast
 
+from pipeq.config.queues import LANES, WEBHOOK_QUEUE, WEBHOOK_TASK, is_amqp, queue_name
 from pipeq.config.settings import Settings
-
-LANES = ("interactive", "bulk")
-RUN_TASK = "pipeq.run"
-WEBHOOK_TASK = "pipeq.webhook"
-WEBHOOK_QUEUE = "pipeq.webhooks"
-
-
-def queue_name(model: str, lane: str) -> str:
-    return f"pipeq.{model}.{lane}"
-
-
-def model_of_queue(name: str) -> str | None:
-    """The model whose queue `name` is (`queue_name`'s inverse); None for another queue."""
-    for lane in LANES:
-        if name.startswith("pipeq.") and name.endswith(f".{lane}"):
-            return name.removeprefix("pipeq.").removesuffix(f".{lane}") or None
-    return None
 
 
 def model_queues(models: list[str]) -> list[Queue]:
     # Order matters: with queue_order_strategy=priority the worker always polls the
     # interactive queue of every model before any bulk queue.
     return [Queue(queue_name(m, lane)) for lane in LANES for m in models]
-
-
-def is_amqp(url: str | None) -> bool:
-    return url is not None and url.split("://", 1)[0] in ("amqp", "amqps", "pyamqp")
 
 
 def quorum_queue(name: str) -> Queue:

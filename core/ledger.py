@@ -21,8 +21,8 @@ from collections.abc import Iterable, Mapping
 
 import redis
 
-from pipeq.config.celery import LANES
 from pipeq.config.errors import Overloaded
+from pipeq.config.queues import LANES
 from pipeq.config.settings import Settings
 from pipeq.core.combine import Combiner
 

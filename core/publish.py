@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from celery import Celery
-from celery.canvas import Signature
+from typing import TYPE_CHECKING
 
-from pipeq.config.celery import RUN_TASK, queue_name
 from pipeq.config.claim_script import INPUTS_HEADER
+from pipeq.config.queues import RUN_TASK, queue_name
 from pipeq.core.jobs import JobMessage
+
+if TYPE_CHECKING:  # a producer imports Celery when it first publishes, not before
+    from celery import Celery
+    from celery.canvas import Signature
 
 
 def send_jobs(

@@ -21,7 +21,7 @@ import redis
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from pipeq.config.celery import LANES, queue_name
+from pipeq.config.queues import LANES, queue_name
 from pipeq.core.ledger import QueueLedger
 from pipeq.core.records import JobRecords
 

@@ -25,16 +25,18 @@ from __future__ import annotations
 import binascii
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
-from celery import Celery
 from pydantic import BaseModel, ConfigDict, Field
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from pipeq.config.celery import WEBHOOK_QUEUE, WEBHOOK_TASK
 from pipeq.config.errors import ConfigError, InvalidSignature, JobNotFound
+from pipeq.config.queues import WEBHOOK_QUEUE, WEBHOOK_TASK
 from pipeq.core.jobs import JobDocument
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 _DEAD_KEY = "pipeq:webhooks:dead"
 

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery
-from celery.canvas import Signature
-
-from pipeq.config.celery import make_celery
 from pipeq.config.errors import (
     InvalidInput,
     JobConflict,
@@ -30,6 +26,10 @@ from pipeq.core.stores import ResultStores
 from pipeq.core.webhook_urls import refused_webhook
 from pipeq.core.webhooks import publish_for
 
+if TYPE_CHECKING:
+    from celery import Celery
+    from celery.canvas import Signature
+
 
 class Client:
     """Publishes jobs (JSON) to the broker and reads their records from the result store."""
@@ -43,12 +43,22 @@ class Client:
     ) -> None:
         self.settings = settings or Settings()
         self.registry = registry or load_registry(self.settings.models)
-        self.celery = celery or make_celery(self.settings)
+        self._celery = celery
         self.records: JobRecords = open_records(
             self.settings.effective_result_url, self.settings.result_ttl_s
         )
         self.results = ResultStores(self.settings, self.records)
         self.ledger = open_ledger(self.settings)
+
+    @property
+    def celery(self) -> Celery:
+        """The Celery app, made on first use: Celery and kombu take longer to import than the
+        rest of the client, and a backend that only reads results never needs them."""
+        if self._celery is None:
+            from pipeq.config.celery import make_celery
+
+            self._celery = make_celery(self.settings)
+        return self._celery
 
     def submit(
         self,

@@ -3,7 +3,7 @@ serves a model is a trap (its jobs wait), so the API says who is there."""
 
 from __future__ import annotations
 
-from pipeq.config.celery import model_of_queue
+from pipeq.config.queues import model_of_queue
 from pipeq.producer.client import Client
 
 # How long the API waits for workers' answers where there is no ledger (embedded broker, AMQP).

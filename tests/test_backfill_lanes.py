@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from pipeq.config.celery import queue_name
+from pipeq.config.queues import queue_name
 from pipeq.config.settings import Settings
 from pipeq.producer.backfill import backfill
 from pipeq.producer.backfill_report import Summary

@@ -25,7 +25,7 @@ import redis
 from fastapi.testclient import TestClient
 from playwright.sync_api import Error as PlaywrightError
 
-from pipeq.config.celery import RUN_TASK, queue_name
+from pipeq.config.queues import RUN_TASK, queue_name
 from pipeq.config.settings import Settings
 from pipeq.core.queue_depth import priority_keys
 from pipeq.producer.api import create_app

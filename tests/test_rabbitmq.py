@@ -21,8 +21,9 @@ import pytest
 import yaml
 from kombu import Connection
 
-from pipeq.config.celery import LANES, WEBHOOK_QUEUE, make_celery, queue_name
+from pipeq.config.celery import make_celery
 from pipeq.config.errors import ConfigError
+from pipeq.config.queues import LANES, WEBHOOK_QUEUE, queue_name
 from pipeq.config.settings import Settings
 from pipeq.producer.client import Client
 from tests.conftest import WorkerProcess

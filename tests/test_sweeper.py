@@ -8,7 +8,7 @@ import time
 
 import redis
 
-from pipeq.config.celery import queue_name
+from pipeq.config.queues import queue_name
 from pipeq.config.settings import Settings
 from pipeq.core.jobs import JobDocument
 from pipeq.core.records import RedisRecords, pending_key

@@ -167,13 +167,15 @@ def test_django_example(pipeq_api: str) -> None:
 urlpatterns: list[object] = []
 
 
-def test_web_clients_pull_no_torch() -> None:
-    """What a web backend imports of pipeq loads no torch (its import time: bench/import_time.py)."""
+def test_web_clients_pull_no_torch_nor_celery() -> None:
+    """What a web backend imports of pipeq loads no torch, and Celery and kombu only when a job is
+    first published (their import is most of the clients' import time: bench/import_time.py)."""
     probe = (
         "import sys\n"
         "import pipeq.producer.client, pipeq.producer.async_client\n"
         "import pipeq.producer.http_client, pipeq.producer.async_http_client\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n"
+        "heavy = ('torch', 'transformers', 'celery', 'kombu')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe],

@@ -27,14 +27,8 @@ from celery.signals import worker_ready
 from celery.utils.nodenames import host_format
 from redis.exceptions import RedisError
 
-from pipeq.config.celery import (
-    LANES,
-    RUN_TASK,
-    broker_folder,
-    make_celery,
-    model_queues,
-    queue_name,
-)
+from pipeq.config.celery import broker_folder, make_celery, model_queues
+from pipeq.config.queues import LANES, RUN_TASK, queue_name
 from pipeq.config.registry import ModelSpec, load_registry
 from pipeq.config.settings import Settings
 from pipeq.core.ledger import QueueLedger, open_ledger

@@ -26,7 +26,7 @@ from typing import Any
 import redis
 from prometheus_client import Counter
 
-from pipeq.config.celery import queue_name
+from pipeq.config.queues import queue_name
 from pipeq.core.jobs import JobMessage
 from pipeq.core.queue_depth import priority_keys
 from pipeq.core.records import RedisRecords

@@ -15,8 +15,9 @@ from kombu import Queue
 from pydantic import ValidationError
 from standardwebhooks.webhooks import Webhook
 
-from pipeq.config.celery import WEBHOOK_QUEUE, WEBHOOK_TASK, make_celery
+from pipeq.config.celery import make_celery
 from pipeq.config.errors import ConfigError
+from pipeq.config.queues import WEBHOOK_QUEUE, WEBHOOK_TASK
 from pipeq.config.settings import Settings
 from pipeq.core.records import open_records
 from pipeq.core.stores import ResultStores

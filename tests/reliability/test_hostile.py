@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from kombu import Connection, Queue
 
-from pipeq.config.celery import RUN_TASK, queue_name
+from pipeq.config.queues import RUN_TASK, queue_name
 from pipeq.config.settings import Settings
 from pipeq.producer.api import create_app
 from pipeq.producer.client import Client
