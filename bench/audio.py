@@ -1,4 +1,6 @@
 """Long audio on the CPU, one run, side by side: pipeq vs the in-process pipeline (tiny Whisper).
+With --gpu, Whisper of large-v3's shape on a GPU against two in-process baselines
+(bench/audio_gpu.py says how).
 
     python -m bench.audio [--files 20] [--min-s 120] [--max-s 600] [--batch 16]
                           [--redis redis://127.0.0.1:6379/5]
@@ -33,6 +35,8 @@ import soundfile as sf
 import torch
 import yaml
 
+from bench.audio_gpu import main_gpu
+from bench.gpu import OUT_DIR
 from bench.harness import (
     Record,
     batch_histogram,
@@ -145,8 +149,27 @@ def main() -> None:
     parser.add_argument("--max-s", type=float, default=600)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/5")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/audio.json"))
+    parser.add_argument("--out", type=Path, default=None)
+    gpu = parser.add_argument_group("GPU mode (bench/audio_gpu.py)")
+    gpu.add_argument("--gpu", action="store_true", help="Whisper of large-v3's shape on GPU 0")
+    gpu.add_argument("--small", action="store_true", help="the GPU mode's code, a small model, CPU")
+    gpu.add_argument(
+        "--batches", type=lambda s: [int(b) for b in s.split(",")], default=[8, 16, 32, 64]
+    )
+    gpu.add_argument("--pipeq-batch", type=int, default=64)
+    gpu.add_argument("--max-new-tokens", type=int, default=64)
+    gpu.add_argument("--interactive", type=int, default=20)
+    gpu.add_argument("--interactive-every-s", type=float, default=1.0)
+    gpu.add_argument("--procs", type=int, default=4)
+    gpu.add_argument("--profile-s", type=int, default=0, help="py-spy the forward process")
+    gpu.add_argument("--skip-baselines", action="store_true", help="pipeq only")
+    gpu.add_argument("--skip-pipeq", action="store_true", help="the in-process baselines only")
     args = parser.parse_args()
+    if args.gpu or args.small:
+        args.out = args.out or OUT_DIR / "audio-gpu.json"
+        main_gpu(args, synthesize, versions(), write_results)
+        return
+    args.out = args.out or Path("bench/results/audio.json")
 
     work = Path(tempfile.mkdtemp(prefix="pipeq-bench-audio-"))
     model_dir = build_tiny_models(work / "models")[MODEL]

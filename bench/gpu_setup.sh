@@ -53,6 +53,19 @@ EOF
 # an install: links under /tmp/pipeq-src/pipeq.
 mkdir -p /tmp/pipeq-src/pipeq
 for package in config core producer worker cli; do ln -sfn "$PWD/$package" "/tmp/pipeq-src/pipeq/$package"; done
+# `pipeq --version` reads the installed distribution's metadata: a minimal one beside the links.
+mkdir -p /tmp/pipeq-src/pipeq-0.0.0.dist-info
+printf 'Metadata-Version: 2.1\nName: pipeq\nVersion: %s\n' \
+  "$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)" >/tmp/pipeq-src/pipeq-0.0.0.dist-info/METADATA
 case ":${PYTHONPATH:-}:" in *":/tmp/site:/tmp/pipeq-src:"*) ;; *) export PYTHONPATH="/tmp/site:/tmp/pipeq-src${PYTHONPATH:+:$PYTHONPATH}" ;; esac
 export PIPEQ_BROKER_URL="${PIPEQ_BROKER_URL:-redis://127.0.0.1:6399/0}"
-echo "gpu_setup: export PYTHONPATH=$PYTHONPATH PIPEQ_BROKER_URL=$PIPEQ_BROKER_URL"
+# Tesseract (bench/docqa.py) from .gpu/tesseract/{bin,lib,tessdata}: a wrapper on PATH gives the
+# carried libraries to tesseract alone, not to Python.
+if [ -x .gpu/tesseract/bin/tesseract ]; then
+  mkdir -p /tmp/pipeq-bin
+  printf '#!/bin/sh\nLD_LIBRARY_PATH=%s/lib TESSDATA_PREFIX=%s/tessdata exec %s/bin/tesseract "$@"\n' \
+    "$PWD/.gpu/tesseract" "$PWD/.gpu/tesseract" "$PWD/.gpu/tesseract" >/tmp/pipeq-bin/tesseract
+  chmod +x /tmp/pipeq-bin/tesseract
+  case ":$PATH:" in *":/tmp/pipeq-bin:"*) ;; *) export PATH="/tmp/pipeq-bin:$PATH" ;; esac
+fi
+echo "gpu_setup: export PYTHONPATH=$PYTHONPATH PIPEQ_BROKER_URL=$PIPEQ_BROKER_URL PATH=$PATH"

@@ -150,6 +150,12 @@ class Settings(BaseSettings):
         description="Tesseract's time per document (document QA inputs sent without "
         "word_boxes); past it that input fails with OcrTimeout.",
     )
+    ocr_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="Tesseract runs at once in one worker process; `pipeq worker` gives each of "
+        "its processes the host's cores divided among them.",
+    )
     flower_basic_auth: str | None = None
     wait_poll_interval_s: float = Field(default=0.05, gt=0)
     log_level: str = "INFO"

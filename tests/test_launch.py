@@ -78,6 +78,24 @@ def test_only_the_forward_process_sees_its_gpu() -> None:
     assert command[-6:] == ["--role", "front", "--socket", "/run/gpu3.sock", "--name", "gpu3@%h"]
 
 
+def test_fronts_share_the_cores_for_ocr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """14 fronts each running 16 Tesseracts at once on 16 cores timed pages out (bench/docqa.py):
+    the launcher gives each front twice its share of the cores, one OpenMP thread a page, unless
+    the operator chose."""
+    plan = WorkerPlan("gpu0-1@%h", "0")
+    monkeypatch.delenv("PIPEQ_OCR_CONCURRENCY", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    _, env = front_command(plan, [], 9400, "/run/gpu0.sock", fronts=5)
+    assert env["PIPEQ_OCR_CONCURRENCY"] == "7" and env["OMP_THREAD_LIMIT"] == "1"
+    assert Settings(_env_file=None).ocr_concurrency is None
+    _, env = front_command(plan, [], 9400, "/run/gpu0.sock", fronts=64)
+    assert env["PIPEQ_OCR_CONCURRENCY"] == "1"
+    monkeypatch.setenv("PIPEQ_OCR_CONCURRENCY", "7")
+    _, env = front_command(plan, [], 9400, "/run/gpu0.sock", fronts=5)
+    assert env["PIPEQ_OCR_CONCURRENCY"] == "7"
+    assert Settings(_env_file=None).ocr_concurrency == 7
+
+
 def test_one_pinned_worker_per_gpu(
     worker_env: dict[str, str], settings: Settings, tmp_path: Path
 ) -> None:

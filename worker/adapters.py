@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytesseract
@@ -95,6 +96,8 @@ class DocumentQuestionAnswering(StagedPipeline):
         ) != ModelType.VisionEncoderDecoder and not getattr(
             pipe.image_processor, "apply_ocr", False
         )
+        # The OCR timeout counts Tesseract's own run, not the wait for a free slot.
+        self._ocr_slots = threading.BoundedSemaphore(self.ocr_concurrency)
 
     def iter_parts(self, item: Any, call: CallParams) -> Any:
         if self._runs_ocr and "word_boxes" not in item:
@@ -109,13 +112,14 @@ class DocumentQuestionAnswering(StagedPipeline):
         filtering and normalisation), under a timeout. Language and config are the operator's
         (models.yaml params), never a job's."""
         try:
-            data = pytesseract.image_to_data(
-                image,
-                lang=call.preprocess.get("lang"),
-                output_type="dict",
-                config=call.preprocess.get("tesseract_config", ""),
-                timeout=self.ocr_timeout_s,
-            )
+            with self._ocr_slots:
+                data = pytesseract.image_to_data(
+                    image,
+                    lang=call.preprocess.get("lang"),
+                    output_type="dict",
+                    config=call.preprocess.get("tesseract_config", ""),
+                    timeout=self.ocr_timeout_s,
+                )
         except RuntimeError as exc:
             # pytesseract kills the process and raises a bare RuntimeError on timeout.
             if type(exc) is RuntimeError and "timeout" in str(exc):

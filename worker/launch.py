@@ -91,12 +91,17 @@ def plan_workers(
 
 
 def front_command(
-    plan: WorkerPlan, argv: list[str], metrics_port: int, socket: str
+    plan: WorkerPlan, argv: list[str], metrics_port: int, socket: str, fronts: int = 1
 ) -> tuple[list[str], dict[str, str]]:
     """The command and environment of one front: the same `pipeq worker` invocation as a Celery
     consumer named after its GPU, which hands its parts to the forward process at `socket`. A
-    front never touches CUDA."""
+    front never touches CUDA. Unless the operator set PIPEQ_OCR_CONCURRENCY, each front may run
+    Tesseract twice its share of the host's cores at once, one thread per page: unbounded (16 a
+    front, OpenMP threads each) pages outran the OCR timeout, and a share of exactly one left
+    cores idle, as claims do not spread pages evenly over the fronts."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PIPEQ_METRICS_PORT": str(metrics_port)}
+    env.setdefault("PIPEQ_OCR_CONCURRENCY", str(max(1, -(-2 * (os.cpu_count() or 1) // fronts))))
+    env.setdefault("OMP_THREAD_LIMIT", "1")
     command = [sys.executable, "-m", "pipeq.cli", "worker", *argv, "--role", "front"]
     command += ["--socket", socket, "--name", plan.hostname]
     return command, env
@@ -197,7 +202,9 @@ def _start_engines(
             return False
     for engine in engines.values():
         for plan in engine.plans:
-            engine.fronts[plan] = _start(*front_command(plan, argv, ports[plan], engine.socket))
+            engine.fronts[plan] = _start(
+                *front_command(plan, argv, ports[plan], engine.socket, len(ports))
+            )
     return True
 
 
@@ -232,7 +239,9 @@ def _restart_dead(
                     restart_delay_s,
                 )
                 time.sleep(restart_delay_s)
-                engine.fronts[plan] = _start(*front_command(plan, argv, ports[plan], engine.socket))
+                engine.fronts[plan] = _start(
+                    *front_command(plan, argv, ports[plan], engine.socket, len(ports))
+                )
 
 
 def _stop_all(engines: dict[str | None, _Engine]) -> None:

@@ -46,7 +46,12 @@ def load_front(spec: ModelSpec, settings: Settings) -> tuple[StagedPipeline, flo
     """A front's half of one model (preprocess, postprocess; no weights) and its load time."""
     started = time.perf_counter()
     pipe = load_pipeline(spec, weights=False)
-    staged = adapter_for(spec)(spec, pipe, ocr_timeout_s=settings.ocr_timeout_s)
+    staged = adapter_for(spec)(
+        spec,
+        pipe,
+        ocr_timeout_s=settings.ocr_timeout_s,
+        ocr_concurrency=settings.ocr_concurrency,
+    )
     return staged, time.perf_counter() - started
 
 
@@ -54,7 +59,12 @@ def load_staged(spec: ModelSpec, settings: Settings) -> tuple[StagedPipeline, fl
     """Load and warm one model; returns it and its load time in seconds."""
     started = time.perf_counter()
     pipe = load_pipeline(spec)
-    staged = adapter_for(spec)(spec, pipe, ocr_timeout_s=settings.ocr_timeout_s)
+    staged = adapter_for(spec)(
+        spec,
+        pipe,
+        ocr_timeout_s=settings.ocr_timeout_s,
+        ocr_concurrency=settings.ocr_concurrency,
+    )
     staged.run_one(*staged.warm_input())
     elapsed = time.perf_counter() - started
     log.info("loaded %s (%s) on %s in %.1f s", spec.name, spec.task, staged.pipe.device, elapsed)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -93,11 +94,13 @@ class StagedPipeline:
         spec: ModelSpec,
         pipe: Pipeline,
         ocr_timeout_s: float = Settings.model_fields["ocr_timeout_s"].default,
+        ocr_concurrency: int | None = None,
     ) -> None:
         self.spec = spec
         self.pipe = pipe
         self.chunked = isinstance(pipe, ChunkPipeline)
         self.ocr_timeout_s = ocr_timeout_s
+        self.ocr_concurrency = ocr_concurrency or os.cpu_count() or 1
         processor = (
             pipe.feature_extractor if pipe.feature_extractor is not None else pipe.image_processor
         )
