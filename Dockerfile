@@ -6,13 +6,17 @@
 # runAsNonRoot can check it) from a virtualenv in /opt/venv, copied out of a build stage so that
 # pip caches and sources stay behind. The worker's Hugging Face downloads go to HF_HOME=/models, a
 # volume: a new container reuses the weights instead of fetching them again.
+#
+# Reproducible: base images by digest (refresh: `docker buildx imagetools inspect IMAGE:TAG`), and
+# every Python package at the version requirements/*.txt lock (requirements/lock.sh writes them),
+# installed without resolving (`--no-deps`) and then checked whole (`pip check`).
 
 # torch's CUDA wheels bring their own CUDA and cuDNN libraries (nvidia-* wheels), so the worker
 # needs from its base only Ubuntu, the driver hooks and NVIDIA_* variables of nvidia/cuda; the
 # -cudnn-runtime flavour would add about 3 GB of second copies. Keep the CUDA version of the base
 # and of TORCH_INDEX in step: the host driver must support it.
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu22.04
-ARG PYTHON_IMAGE=python:3.11-slim
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu22.04@sha256:001469ea0f3dec85a1ca929aeea3b58ae369d4c11228b10aec1f642bb6ca7a6f
+ARG PYTHON_IMAGE=python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7
 
 # ---- pipeq-worker-ping: the health check of every Celery worker container ---------------------
 # Healthy when a worker of this container answers a Celery ping through the broker: the process is
@@ -50,18 +54,21 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && python3.11 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# torch first, from the CUDA index that matches the base; the worker extra's range then keeps it.
+# torch first, from the CUDA index that matches the base (with the CUDA libraries of that build);
+# the lock leaves torch and those libraries out.
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --upgrade pip \
  && pip install --index-url "$TORCH_INDEX" "torch==$TORCH_VERSION"
 WORKDIR /src
+COPY requirements/worker.txt requirements/
+RUN --mount=type=cache,target=/root/.cache/pip pip install --no-deps -r requirements/worker.txt
 COPY pyproject.toml README.md ./
 COPY config config
 COPY core core
 COPY producer producer
 COPY worker worker
 COPY cli cli
-RUN --mount=type=cache,target=/root/.cache/pip pip install ".[worker]"
+RUN pip install --no-deps . && pip check
 
 FROM cuda-python AS worker
 # ffmpeg decodes the audio formats libsndfile cannot (worker/decode.py); tesseract-ocr reads
@@ -71,8 +78,10 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 pipeq \
  && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin pipeq \
- && install -d -o pipeq -g pipeq /models
+ && install -d -o pipeq -g pipeq /models /demo
 COPY --from=worker-build /opt/venv /opt/venv
+# The real models' registry (docker-compose.yml serves the demo models unless told this one).
+COPY config/models.yaml /etc/pipeq/models.yaml
 ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/models \
     PYTHONUNBUFFERED=1 \
@@ -80,7 +89,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 COPY --from=ping /usr/local/bin/pipeq-worker-ping /usr/local/bin/
 USER 10001:10001
 WORKDIR /home/pipeq
-VOLUME /models
+VOLUME /models /demo
 HEALTHCHECK --interval=30s --timeout=20s --start-period=10m --retries=3 \
     CMD ["pipeq-worker-ping"]
 # One worker process per visible GPU (CUDA_VISIBLE_DEVICES pinned), or one CPU worker if none.
@@ -91,6 +100,11 @@ FROM ${PYTHON_IMAGE} AS api-build
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
+# `monitor` is Flower (`pipeq flower`): requirements/api.txt locks the package with it.
+COPY requirements/api.txt requirements/
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --upgrade pip \
+ && pip install --no-deps -r requirements/api.txt
 COPY pyproject.toml README.md ./
 COPY config config
 COPY core core
@@ -99,16 +113,14 @@ COPY producer producer
 # the GPU modules (and torch) are never imported.
 COPY worker worker
 COPY cli cli
-# `monitor` is Flower (`pipeq flower`).
-RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install --upgrade pip \
- && pip install ".[monitor]"
+RUN pip install --no-deps . && pip check
 
 FROM ${PYTHON_IMAGE} AS api
 RUN groupadd --gid 10001 pipeq \
  && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin pipeq
 COPY --from=api-build /opt/venv /opt/venv
 COPY --from=ping /usr/local/bin/pipeq-worker-ping /usr/local/bin/
+COPY config/models.yaml /etc/pipeq/models.yaml
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1

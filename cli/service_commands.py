@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 from pipeq.config.settings import Settings
@@ -71,9 +72,12 @@ def cmd_gradio(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(_: argparse.Namespace) -> int:
-    from pipeq.cli.demo import run_demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeq.cli.demo import run_demo, write_demo_registry
 
+    if args.write_registry:
+        print(write_demo_registry(Path(args.write_registry).resolve()))
+        return 0
     return run_demo(Settings())
 
 
@@ -114,6 +118,11 @@ def add_service_commands(commands: Any) -> None:
     up.set_defaults(func=cmd_up)
 
     demo = commands.add_parser("demo", help="serve demo models offline and submit sample jobs")
+    demo.add_argument(
+        "--write-registry",
+        metavar="DIR",
+        help="only build the demo models into DIR and write DIR/models.yaml (docker-compose.yml)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     flower = commands.add_parser("flower", help="Flower dashboard of pipeq's workers and jobs")

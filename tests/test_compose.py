@@ -139,3 +139,73 @@ def test_only_minio_and_its_init_see_the_root_credentials() -> None:
     pipeq_env = SERVICES["worker"]["environment"]
     assert pipeq_env["AWS_ACCESS_KEY_ID"] == SERVICES["minio-init"]["environment"]["APP_KEY"]
     assert pipeq_env["AWS_SECRET_ACCESS_KEY"] == SERVICES["minio-init"]["environment"]["APP_SECRET"]
+
+
+def test_no_secret_has_a_default() -> None:
+    """A forgotten .env stops `docker compose up` with a message instead of starting MinIO and
+    pipeq with a password everyone can read here."""
+    secret = re.compile(r"\$\{(\w*(PASSWORD|SECRET|TOKEN|AUTH)\w*)(:?[-=])")
+    assert secret.findall(COMPOSE_FILE.read_text()) == []
+    for name in ("MINIO_ROOT_PASSWORD", "PIPEQ_S3_SECRET_KEY", "PIPEQ_FLOWER_BASIC_AUTH"):
+        assert f"${{{name}:?" in COMPOSE_FILE.read_text(), name
+
+
+def test_redis_refuses_writes_at_a_memory_bound_below_its_limit() -> None:
+    command = SERVICES["redis"]["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert command[command.index("--maxmemory") + 1] == "${REDIS_MAXMEMORY:-1gb}"
+    assert SERVICES["redis"]["mem_limit"] == "2g"
+
+
+def test_the_default_registry_is_the_demo_one_written_before_pipeq_starts() -> None:
+    env = COMPOSE["x-pipeq-env"]
+    assert env["PIPEQ_MODELS"] == "${PIPEQ_MODELS:-/demo/models.yaml}"
+    writer = SERVICES["demo-models"]["command"]
+    assert writer[-2:] == ["--write-registry", "/demo"]
+    for name in ("api", "worker", "flower", "webhooks"):
+        needs = SERVICES[name]["depends_on"]["demo-models"]["condition"]
+        assert needs == "service_completed_successfully", name
+        assert any(v.startswith("demo:/demo") for v in SERVICES[name]["volumes"]), name
+
+
+def lock_pins(name: str) -> dict[str, str]:
+    lines = (ROOT / "requirements" / name).read_text().splitlines()
+    pins = [line.split("==") for line in lines if "==" in line and not line.startswith(" ")]
+    return {canonical(package): version for package, version in pins}
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement_names(requirements: list[str]) -> set[str]:
+    return {canonical(re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0]) for r in requirements}
+
+
+def test_the_images_install_every_dependency_from_a_lock() -> None:
+    """requirements/lock.sh's output pins what pyproject.toml names (torch aside: the worker
+    image installs it from the CUDA index first), and the Dockerfile installs from the locks
+    without resolving anything else."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = requirement_names(project["dependencies"])
+    worker = requirement_names(project["optional-dependencies"]["worker"]) - {"torch"}
+    monitor = requirement_names(project["optional-dependencies"]["monitor"])
+    assert base | worker <= set(lock_pins("worker.txt")), base | worker - set(
+        lock_pins("worker.txt")
+    )
+    assert base | monitor <= set(lock_pins("api.txt"))
+    assert not {p for p in lock_pins("worker.txt") if p.startswith(("torch", "nvidia-"))}
+    stages = dockerfile_stages()
+    for stage, lock in (("worker-build", "worker.txt"), ("api-build", "api.txt")):
+        text = "\n".join(stages[stage])
+        assert f"pip install --no-deps -r requirements/{lock}" in text, stage
+        assert "pip install --no-deps . && pip check" in text, stage
+
+
+def test_base_images_are_pinned_by_digest() -> None:
+    args = re.findall(r"^ARG (\w+_IMAGE)=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE)
+    assert {name for name, _ in args} == {"CUDA_IMAGE", "PYTHON_IMAGE"}
+    for name, image in args:
+        assert re.search(r"@sha256:[0-9a-f]{64}$", image), name
