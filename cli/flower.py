@@ -14,6 +14,8 @@ import importlib.util
 import logging
 import os
 
+from celery import Celery
+
 from pipeq.config.celery import make_celery, model_queues
 from pipeq.config.errors import ConfigError
 from pipeq.config.registry import load_registry
@@ -21,8 +23,9 @@ from pipeq.config.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Flower's default columns plus the arguments summary (the producer's `argsrepr`).
-TASK_COLUMNS = "name,uuid,state,args,received,runtime,worker"
+# Flower's default columns plus the arguments summary (the producer's `argsrepr`) and the
+# result: a finished job's input counts (worker/task_events.py).
+TASK_COLUMNS = "name,uuid,state,args,result,received,runtime,worker"
 
 
 def flower_argv(settings: Settings, port: int) -> list[str]:
@@ -34,6 +37,18 @@ def flower_argv(settings: Settings, port: int) -> list[str]:
     return argv
 
 
+def use_stock_redis_transport(app: Celery) -> None:
+    """Flower's connections on kombu's own Redis transport, not pipeq's.
+
+    Flower picks its Broker page's reader by the scheme of the connection's URI, and kombu
+    writes a named transport's import path there (`pipeq.config.redis_transport:Transport://`),
+    so the page answered "'redis' broker is not supported". pipeq's transport only changes how
+    a worker claims and acks job messages, which Flower never takes (it reads events by pub/sub
+    and control replies from queues of its own): with kombu's, the URI is `redis://` and the page
+    LLENs each queue's lists, kombu's priority steps included, as `core/queue_depth.py` does."""
+    app.conf.broker_transport = None  # the URL's scheme names it (set only for Redis)
+
+
 def run_flower(settings: Settings, port: int) -> int:
     """Serve Flower until it is stopped; returns its exit code."""
     if importlib.util.find_spec("flower") is None:
@@ -43,6 +58,7 @@ def run_flower(settings: Settings, port: int) -> int:
         raise ConfigError("PIPEQ_FLOWER_BASIC_AUTH takes user:password (comma-separated for more)")
     app = make_celery(settings)
     app.conf.task_queues = model_queues(list(load_registry(settings.models).models))
+    use_stock_redis_transport(app)
     if auth:
         # Flower reads FLOWER_* variables itself (flower/command.py, apply_env_options).
         os.environ["FLOWER_BASIC_AUTH"] = auth

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,14 @@ import redis
 from fastapi.testclient import TestClient
 from playwright.sync_api import Error as PlaywrightError
 
+from pipeq.config.errors import ErrorInfo
 from pipeq.config.queues import RUN_TASK, queue_name
 from pipeq.config.settings import Settings
+from pipeq.core.jobs import JobDocument
 from pipeq.core.queue_depth import priority_keys
 from pipeq.producer.api import create_app
 from pipeq.producer.client import Client
+from pipeq.worker.task_events import outcome_event
 
 DOCS_PNG = Path(__file__).resolve().parents[1] / "docs" / "flower.png"
 
@@ -52,13 +56,11 @@ class Flower:
         self.url, self.user, self.password, self.log_path = url, user, password, log_path
 
 
-@pytest.fixture(scope="module")
-def flower(
-    worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Flower]:
+@contextmanager
+def _running_flower(env: dict[str, str], log_path: Path) -> Iterator[Flower]:
+    """`pipeq flower` on `env`'s broker, with credentials, until the block ends."""
     port, password = _free_port(), secrets.token_urlsafe(12)
-    log_path = tmp_path_factory.mktemp("flower") / "flower.log"
-    env = {**os.environ, **worker_env, "PIPEQ_FLOWER_BASIC_AUTH": f"ops:{password}"}
+    env = {**os.environ, **env, "PIPEQ_FLOWER_BASIC_AUTH": f"ops:{password}"}
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeq.cli", "flower", "--port", str(port)],
@@ -78,9 +80,26 @@ def flower(
                 tail = log_path.read_text()[-4000:]
                 raise RuntimeError(f"flower did not start:\n{tail}") from None
             time.sleep(0.2)
-    yield Flower(url, "ops", password, log_path)
-    proc.terminate()
-    proc.wait(30)
+    try:
+        yield Flower(url, "ops", password, log_path)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def flower(
+    worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Flower]:
+    log_path = tmp_path_factory.mktemp("flower") / "flower.log"
+    with _running_flower(worker_env, log_path) as running:
+        yield running
+
+
+def _logged_in(browser: Any, flower: Flower, **options: Any) -> Any:
+    """A browser context that sends Flower's credentials."""
+    credentials = {"username": flower.user, "password": flower.password}
+    return browser.new_context(http_credentials=credentials, **options)
 
 
 def _page_until(page: Any, url: str, pattern: str, timeout_s: float = 30) -> str:
@@ -122,10 +141,7 @@ def _stack(shots: list[Path], out: Path) -> None:
 def test_flower_shows_pipeq_worker_and_finished_job(
     flower: Flower, browser: Any, session_worker: Any, client: Client, tmp_path: Path
 ) -> None:
-    context = browser.new_context(
-        http_credentials={"username": flower.user, "password": flower.password},
-        viewport={"width": 1500, "height": 420},
-    )
+    context = _logged_in(browser, flower, viewport={"width": 1700, "height": 420})
     page = context.new_page()
     _page_until(page, f"{flower.url}/workers", r"session@")
     worker = _cells(page, "#workers-table", "session@")
@@ -161,6 +177,88 @@ def test_flower_shows_pipeq_worker_and_finished_job(
     assert "pipeq.run" in task and "tiny-sentiment x1 interactive" in task
     assert "a fine day" not in task  # inputs never reach Flower
     context.close()
+
+
+def test_flower_shows_failed_and_partly_failed_jobs(
+    flower: Flower, browser: Any, session_worker: Any, client: Client, media_dir: Path
+) -> None:
+    """A job whose every input failed is a FAILURE (Flower's Failed filter finds it); one with
+    some failed inputs stays a SUCCESS, its counts as the result."""
+    context = _logged_in(browser, flower, viewport={"width": 1500, "height": 600})
+    page = context.new_page()
+    _page_until(page, f"{flower.url}/workers", r"session@")
+    from PIL import Image
+
+    good = {"path": str(media_dir / "flower-ok.png")}
+    Image.new("RGB", (32, 32), "teal").save(good["path"])
+    bad = {"path": str(media_dir / "flower-missing.png")}  # MediaNotFound
+    failed = client.submit("tiny-vit", [bad])
+    partly = client.submit("tiny-vit", [good, bad, good, good])
+    assert client.wait(failed, timeout_s=120).status == "failed"
+    doc = client.wait(partly, timeout_s=120)
+    assert doc.status == "succeeded" and doc.errors and doc.errors[1]
+    assert doc.errors[1].type == "MediaNotFound"
+
+    _page_until(page, f"{flower.url}/tasks", f"(?s){failed}.*FAILURE|FAILURE.*{failed}")
+    row = _cells(page, "#tasks-table", failed)
+    assert row["state"] == "FAILURE", row
+    assert _cells(page, "#tasks-table", partly)["state"] == "SUCCESS"
+    assert _cells(page, "#tasks-table", partly)["result"] == "3 succeeded, 1 failed"
+    page.click("button.task-state-filter[data-task-state=FAILURE]")
+    page.wait_for_load_state("networkidle")
+    page.locator("#tasks-table tbody tr", has_text=failed).wait_for()
+    listed = page.inner_text("#tasks-table tbody")
+    assert failed in listed and partly not in listed
+
+    task = _page_until(page, f"{flower.url}/task/{failed}", "FAILURE")
+    assert "MediaNotFound: " in task and "(0 succeeded, 1 failed)" in task, task
+    task = _page_until(page, f"{flower.url}/task/{partly}", "SUCCESS")
+    assert "3 succeeded, 1 failed" in task, task
+    context.close()
+    api = httpx.get(f"{flower.url}/api/tasks", auth=(flower.user, flower.password), timeout=10)
+    assert api.json()[failed]["state"] == "FAILURE"
+    assert api.json()[partly]["state"] == "SUCCESS"
+
+
+def test_flower_outcome_of_expired_and_bare_failures() -> None:
+    expired = ErrorInfo(type="Expired", message="the deadline passed")
+    record = JobDocument(id="j", model="m", status="expired", errors=[expired, expired])
+    assert outcome_event(record) == (
+        "task-failed",
+        {"exception": "Expired: the deadline passed (0 succeeded, 2 failed)"},
+    )
+    # A failure with no per-input errors still fails in Flower, named by its status.
+    assert outcome_event(record.model_copy(update={"status": "failed", "errors": None})) == (
+        "task-failed",
+        {"exception": "failed (0 succeeded, 0 failed)"},
+    )
+    assert outcome_event(None) == ("task-succeeded", {"result": "nothing to do"})
+
+
+def test_flower_broker_page_lists_pipeq_queues(
+    worker_env: dict[str, str], browser: Any, settings: Settings, tmp_path: Path
+) -> None:
+    """The Broker page reads pipeq's Redis queues (it said "'redis' broker is not supported"),
+    counting every priority step's list. Its own broker database: no worker takes the jobs."""
+    broker = _own_broker(worker_env, 10)
+    idle = Client(settings.model_copy(update={"broker_url": broker, "result_url": broker}))
+    for text in ("one", "two"):
+        idle.submit("tiny-sentiment", [text])
+    queue = queue_name("tiny-vit", "bulk")
+    idle.celery.send_task(RUN_TASK, args=[{"id": "not-a-job"}], queue=queue, priority=5)
+    env = {**worker_env, "PIPEQ_BROKER_URL": broker, "PIPEQ_RESULT_URL": broker}
+    with _running_flower(env, tmp_path / "flower.log") as own:
+        context = _logged_in(browser, own)
+        page = context.new_page()
+        text = _page_until(page, f"{own.url}/broker", r"pipeq\.tiny-vit\.bulk")
+        assert "not supported" not in text and "redis://" in text, text
+        sentiment = _cells(page, "#queue-table", queue_name("tiny-sentiment", "interactive"))
+        assert sentiment["Messages"] == "2", sentiment
+        assert _cells(page, "#queue-table", queue)["Messages"] == "1"
+        assert (
+            _cells(page, "#queue-table", queue_name("tiny-vit", "interactive"))["Messages"] == "0"
+        )
+        context.close()
 
 
 def test_flower_refuses_without_credentials(flower: Flower, browser: Any) -> None:

@@ -36,6 +36,7 @@ from pipeq.worker.callbacks import finished_earlier
 from pipeq.worker.job_run import JobRun
 from pipeq.worker.progress import PROGRESS_INTERVAL_S
 from pipeq.worker.runner import JobRunner
+from pipeq.worker.task_events import outcome_event
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +228,8 @@ class JobEngine:
                 self._link(delivery, record)
             except Exception:  # noqa: BLE001 - the result is stored: the job is done regardless
                 log.exception("webhook or links of job %s not published", record.id)
-        summary = "nothing to do" if record is None else record.status
-        self._event("task-succeeded", delivery.task_id, result=repr(summary), runtime=runtime_s)
+        kind, fields = outcome_event(record)
+        self._event(kind, delivery.task_id, runtime=runtime_s, **fields)
         self._settle(delivery)
 
     def _link(self, delivery: Delivery, record: JobDocument) -> None:
