@@ -156,7 +156,7 @@ def main() -> None:
     gpu.add_argument(
         "--batches", type=lambda s: [int(b) for b in s.split(",")], default=[8, 16, 32, 64]
     )
-    gpu.add_argument("--pipeq-batch", type=int, default=64)
+    gpu.add_argument("--pipeq-batch", type=int, default=128)
     gpu.add_argument("--max-new-tokens", type=int, default=64)
     gpu.add_argument("--interactive", type=int, default=20)
     gpu.add_argument("--interactive-every-s", type=float, default=1.0)
