@@ -1,4 +1,5 @@
 # Device-machine setup for bench/gpu.py. From the repo root: `source bench/gpu_setup.sh`
+# .gpu is built here (Debian 12 x86-64, with network) by `bash bench/gpu_carry.sh`.
 # Needs the ignored folder .gpu (run's carry: [".gpu"]): .gpu/whl/*.whl (cp312 manylinux wheels)
 # and .gpu/redis/{usr/bin,lib} (Debian 12 redis-server and its shared libraries).
 # Installs into /tmp/site each carried wheel the image lacks or has at an older version,
