@@ -17,13 +17,23 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from pipeq.config.errors import ErrorInfo
-from pipeq.core.inputs import STRICT, DataRef, DocumentInput, Input, UrlRef, text_chars
+from pipeq.core.inputs import (
+    HTTP_URL_PATTERN,
+    STRICT,
+    DataRef,
+    DocumentInput,
+    Input,
+    UrlRef,
+    text_chars,
+)
 
 Lane = Literal["interactive", "bulk"]
 Status = Literal["queued", "running", "succeeded", "failed", "expired", "cancelled"]
 FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "expired", "cancelled"})
 
 MAX_PARAMS_DEPTH = 16
+# A job id, from the body or the Idempotency-Key header: one path segment of its URL.
+JOB_ID_PATTERN = r"^[\w.:-]+$"
 
 
 def _depth(value: Any) -> int:
@@ -39,6 +49,19 @@ def _depth(value: Any) -> int:
         if isinstance(item, list):
             stack.extend((child, level + 1) for child in item)
     return deepest
+
+
+def _json_number(value: Any) -> Any:
+    """`value` with each integral float an int. JSON has one number type: 5.0 is the integer 5
+    (JSON Schema's "integer" says so too), so an integer param written 5.0 is not refused by
+    the strict param lists (config/params.py), and the pipeline gets an int."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _json_number(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_number(item) for item in value]
+    return value
 
 
 def owner_of(api_key: str) -> str:
@@ -58,7 +81,7 @@ DEFAULT_WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("succeeded", "failed")
 
 class Webhook(BaseModel):
     model_config = STRICT
-    url: str
+    url: str = Field(json_schema_extra={"pattern": HTTP_URL_PATTERN})
     events: list[WebhookEvent] = Field(default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS))
 
     @field_validator("url")
@@ -76,7 +99,7 @@ class JobRequest(BaseModel):
     inputs: list[Input] = Field(min_length=1, max_length=100_000)
     params: dict[str, Any] = Field(default_factory=dict)
     priority: Lane = "interactive"
-    id: str | None = Field(default=None, min_length=1, max_length=200, pattern=r"^[\w.:-]+$")
+    id: str | None = Field(default=None, min_length=1, max_length=200, pattern=JOB_ID_PATTERN)
     webhook: Webhook | None = None
     store: Literal["redis", "s3"] = "redis"
     deadline_s: float | None = Field(default=None, gt=0)
@@ -88,7 +111,7 @@ class JobRequest(BaseModel):
         # fail later, as a 500, when pydantic or json serialises it (depth limits of their own).
         if _depth(params) > MAX_PARAMS_DEPTH:
             raise ValueError(f"params nest deeper than {MAX_PARAMS_DEPTH} levels")
-        return params
+        return {key: _json_number(value) for key, value in params.items()}
 
     def inline_bytes(self) -> int:
         """Largest decoded inline payload among the inputs."""

@@ -21,11 +21,12 @@ from prometheus_client import (
 )
 
 from pipeq.config.errors import InvalidRequest, JobConflict, Unauthorized
-from pipeq.core.jobs import JobAccepted, JobDocument, JobRequest, owner_of
+from pipeq.core.jobs import JOB_ID_PATTERN, JobAccepted, JobDocument, JobRequest, owner_of
 from pipeq.core.queue_depth import register_queue_depth
 from pipeq.producer.body_limit import BodyLimit
 from pipeq.producer.client import Client
 from pipeq.producer.http_errors import error_response, errors_of, install_error_handlers
+from pipeq.producer.job_schemas import add_job_variants
 from pipeq.producer.live_workers import live_workers
 
 MAX_WAIT_S = 60.0
@@ -84,7 +85,14 @@ def submit(
     owner: Owner,
     client: TheClient,
     idempotency_key: Annotated[
-        str | None, Header(description="the job's id, if the body gives none", max_length=200)
+        str | None,
+        # The body id's own constraints: the key becomes the id, one segment of the job's URL.
+        Header(
+            description="the job's id, if the body gives none",
+            min_length=1,
+            max_length=200,
+            pattern=JOB_ID_PATTERN,
+        ),
     ] = None,
 ) -> Any:
     if idempotency_key is not None:
@@ -157,7 +165,22 @@ def create_app(client: Client | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     _add_metrics(app, client)
+    _document_job_variants(app, client)
     return app
+
+
+def _document_job_variants(app: FastAPI, client: Client) -> None:
+    """`/openapi.json` with the job body of each model of this service (producer/job_schemas.py);
+    built once, on the first request for it, as FastAPI builds the rest."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            add_job_variants(schema, client.registry.models, client.settings.max_text_chars)
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _add_metrics(app: FastAPI, client: Client) -> None:

@@ -3,7 +3,7 @@ retryable}}` with the status of the error's class (`PipeqError.http_status`), fr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -92,7 +92,7 @@ def _place(loc: Sequence[Any]) -> str:
     return ".".join(kept) or "body"
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     # FastAPI answers a body its JSON parser gives up on (nesting past the recursion limit)
     # with a bare 400; the contract says a malformed request is a 422.
@@ -100,9 +100,26 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
         return error_response(InvalidRequest(str(exc.detail)))
     name = HTTPStatus(exc.status_code).phrase.title().replace(" ", "").replace("-", "")
     info = ErrorInfo(type=name, message=str(exc.detail))
-    return JSONResponse(
-        {"error": info.model_dump()}, status_code=exc.status_code, headers=exc.headers
-    )
+    headers = exc.headers
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": _allowed_methods(request, headers or {})}
+    return JSONResponse({"error": info.model_dump()}, status_code=exc.status_code, headers=headers)
+
+
+def _allowed_methods(request: Request, headers: Mapping[str, str]) -> str:
+    """Every method the request's path answers. FastAPI makes one route per method, and
+    Starlette's 405 names only the first route of the path (`Allow: GET` on /v1/jobs/{id},
+    which takes DELETE too); the OpenAPI document lists them all."""
+    methods = {m.strip() for m in headers.get("Allow", "").split(",") if m.strip()}
+    segments = request.scope["path"].split("/")
+    for template, operations in request.app.openapi()["paths"].items():
+        parts = template.split("/")
+        if len(parts) == len(segments) and all(
+            part == segment or (part.startswith("{") and segment != "")
+            for part, segment in zip(parts, segments, strict=True)
+        ):
+            methods |= {method.upper() for method in operations}
+    return ", ".join(sorted(methods))
 
 
 def install_error_handlers(app: FastAPI) -> None:
