@@ -284,7 +284,9 @@ def test_gpu_worker_pod(name: str) -> None:
     # Metrics: one port per front from PIPEQ_METRICS_PORT up, bound where the kubelet reaches it.
     env = env_of(container)
     assert env["PIPEQ_METRICS_HOST"]["value"] == "0.0.0.0"
-    first = int(env.get("PIPEQ_METRICS_PORT", {}).get("value", Settings().metrics_port))
+    # The setting's default, not this process's environment (the suite sets its own port).
+    default = Settings.model_fields["metrics_port"].default
+    first = int(env.get("PIPEQ_METRICS_PORT", {}).get("value", default))
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert sorted(ports.values()) == list(range(first, first + command.procs_per_gpu))
     for probe in ("startupProbe", "livenessProbe"):
