@@ -167,7 +167,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.gpu or args.small:
         args.out = args.out or OUT_DIR / "audio-gpu.json"
-        main_gpu(args, synthesize, versions(), write_results)
+        main_gpu(args, synthesize)
         return
     args.out = args.out or Path("bench/results/audio.json")
 

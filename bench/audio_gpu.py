@@ -28,15 +28,21 @@ import soundfile as sf
 import torch
 import yaml
 from transformers import (
-    WhisperConfig,
     WhisperFeatureExtractor,
     WhisperForConditionalGeneration,
     WhisperProcessor,
 )
 
 from bench.gpu import OUT_DIR, Drain, Sampler
-from bench.harness import Record, percentiles, start_pipeq_worker, stop_process
-from pipeq.cli.tiny_whisper import _EOT, _whisper_generation_config, _whisper_tokenizer
+from bench.harness import (
+    Record,
+    percentiles,
+    start_pipeq_worker,
+    stop_process,
+    versions,
+    write_results,
+)
+from pipeq.cli.tiny_whisper import whisper_config, whisper_generation_config, whisper_tokenizer
 from pipeq.config.settings import Settings
 from pipeq.producer.client import Client
 
@@ -61,25 +67,15 @@ SMALL.update(encoder_ffn_dim=128, decoder_ffn_dim=128)
 def build_whisper(folder: Path, shape: dict[str, int], device: str) -> Path:
     """Random weights of `shape` in fp16 (fp32 on the CPU), with the offline tokenizer."""
     torch.manual_seed(0)
-    tokenizer = _whisper_tokenizer()
+    tokenizer = whisper_tokenizer()
     ids = tokenizer.get_vocab()
-    eot = ids[_EOT]
-    config = WhisperConfig(
-        **shape,
-        max_source_positions=1500,
-        max_target_positions=448,
-        pad_token_id=eot,
-        bos_token_id=eot,
-        eos_token_id=eot,
-        decoder_start_token_id=ids["<|startoftranscript|>"],
-        begin_suppress_tokens=None,
-        suppress_tokens=None,
-    )
+    config = whisper_config(ids, **shape)
+    eot = config.eos_token_id
     with torch.device(device):
         model = WhisperForConditionalGeneration(config)
     if device != "cpu":
         model = model.half()
-    generation = _whisper_generation_config(ids)
+    generation = whisper_generation_config(ids)
     # Equal work on both sides: no end-of-text, and none of the ids the offline tokenizer lacks.
     generation.suppress_tokens = [eot, *range(len(tokenizer), shape["vocab_size"])]
     model.generation_config = generation
@@ -295,7 +291,7 @@ def chunk_count(files: list[Path]) -> int:
     return int(sum(max(1, np.ceil((sf.info(str(p)).duration - 10) / 20)) for p in files))
 
 
-def main_gpu(args: Any, synthesize: Any, versions: dict[str, str], write: Any) -> None:
+def main_gpu(args: Any, synthesize: Any) -> None:
     import tempfile
 
     import redis
@@ -336,11 +332,11 @@ def main_gpu(args: Any, synthesize: Any, versions: dict[str, str], write: Any) -
     }
     records = gpu_records(audio_s, wall, latencies, summary, walls, common, device)
     meta = {
-        "versions": versions,
+        "versions": versions(),
         "model": "Whisper, large-v3's shape, random weights" if not args.small else "small",
         "items_per_s": "audio seconds per wall second",
         "params": call_params(args.max_new_tokens),
     }
-    write(args.out, records, meta)
+    write_results(args.out, records, meta)
     print_table(records)
     print(f"transcripts equal to (b)'s on {common['transcripts_equal_to_b']} of {len(files)} files")

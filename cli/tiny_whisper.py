@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
@@ -24,7 +25,7 @@ from pipeq.cli.tiny_weights import (
     scale,
 )
 
-_EOT = "<|endoftext|>"
+EOT = "<|endoftext|>"
 
 
 # Whisper's tokenizer and generate() find these by offset from one another, so the order is the
@@ -46,7 +47,7 @@ _WHISPER_SPECIALS = (
 _WHISPER_TIMESTAMPS = tuple(f"<|{step * 0.02:.2f}|>" for step in range(1501))
 
 
-def _whisper_tokenizer() -> WhisperTokenizer:
+def whisper_tokenizer() -> WhisperTokenizer:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     # Printable ASCII only ("Ġ" is byte-level's space), so a random decoder writes letters and
@@ -60,7 +61,7 @@ def _whisper_tokenizer() -> WhisperTokenizer:
         vocab=trained["vocab"],
         merges=[tuple(pair) for pair in trained["merges"]],
         # Without a pad token the pipeline cannot batch (batch_size > 1).
-        pad_token=_EOT,
+        pad_token=EOT,
         model_max_length=448,
     )
     tokenizer.add_special_tokens({"additional_special_tokens": list(_WHISPER_SPECIALS)})
@@ -70,8 +71,8 @@ def _whisper_tokenizer() -> WhisperTokenizer:
     return tokenizer
 
 
-def _whisper_generation_config(ids: dict[str, int]) -> GenerationConfig:
-    eot = ids[_EOT]
+def whisper_generation_config(ids: dict[str, int]) -> GenerationConfig:
+    eot = ids[EOT]
     return GenerationConfig(
         decoder_start_token_id=ids["<|startoftranscript|>"],
         bos_token_id=eot,
@@ -104,12 +105,31 @@ def _make_whisper_listen(model: WhisperForConditionalGeneration, first_special_i
     scale([layer.encoder_attn.k_proj.weight for layer in decoder.layers], 5.0)
 
 
+def whisper_config(ids: dict[str, int], **shape: Any) -> WhisperConfig:
+    """A Whisper of `shape` (sizes, vocabulary) whose special ids are the offline tokenizer's."""
+    eot = ids[EOT]
+    return WhisperConfig(
+        **shape,
+        # 1,500 positions are one 30 s window, which chunking and the timestamp tokens assume.
+        max_source_positions=1500,
+        max_target_positions=448,
+        pad_token_id=eot,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+        # The generation config holds the real ones; the defaults name ids of the full vocabulary.
+        begin_suppress_tokens=None,
+        suppress_tokens=None,
+    )
+
+
 def build_speech_recognizer(folder: Path) -> None:
     torch.manual_seed(SEED)
-    tokenizer = _whisper_tokenizer()
+    tokenizer = whisper_tokenizer()
     ids = tokenizer.get_vocab()
-    eot = ids[_EOT]
-    config = WhisperConfig(
+    eot = ids[EOT]
+    config = whisper_config(
+        ids,
         vocab_size=len(tokenizer),
         d_model=32,
         encoder_layers=2,
@@ -119,21 +139,11 @@ def build_speech_recognizer(folder: Path) -> None:
         encoder_ffn_dim=64,
         decoder_ffn_dim=64,
         num_mel_bins=80,
-        # 1,500 positions are one 30 s window, which chunking and the timestamp tokens assume.
-        max_source_positions=1500,
-        max_target_positions=448,
         # Untied, so scaling the text logits leaves the decoder's input embeddings alone.
         tie_word_embeddings=False,
-        pad_token_id=eot,
-        bos_token_id=eot,
-        eos_token_id=eot,
-        decoder_start_token_id=ids["<|startoftranscript|>"],
-        # The generation config holds the real ones; the defaults name ids of the full vocabulary.
-        begin_suppress_tokens=None,
-        suppress_tokens=None,
     )
     model = WhisperForConditionalGeneration(config)
-    model.generation_config = _whisper_generation_config(ids)
+    model.generation_config = whisper_generation_config(ids)
     _make_whisper_listen(model, first_special_id=eot)
     model.save_pretrained(folder)
     WhisperProcessor(WhisperFeatureExtractor(feature_size=80), tokenizer).save_pretrained(folder)
